@@ -1,0 +1,725 @@
+"""Granite Speech 4.1 2B NAR speech recognition in MLX, in one file.
+
+The model (ibm-granite/granite-speech-4.1-2b-nar) transcribes in two non-autoregressive passes:
+
+    16 kHz audio -> log-mel (T, 160) at 50 frames/s
+      -> Conformer encoder -> pooled BPE CTC head -> greedy CTC collapse = first hypothesis
+      -> windowed Q-Former over encoder layers [4, 8, 12, last] -> audio embeddings (T // 5 rows)
+      -> bidirectional Granite editor over [audio | _ t1 _ t2 ... _] -> CTC collapse -> text
+
+The editor reads the hypothesis with a blank slot around every token and rewrites all slots at
+once, so a transcript costs one encoder pass and one editor pass, whatever its length.
+
+Usage:
+    python convert.py --hf-path ibm-granite/checkpoint-dir --mlx-path granite_nar_mlx
+    python granite_nar.py audio.wav --model granite_nar_mlx
+
+Reference: the upstream PyTorch implementation (transformers `granite_speech_nar`); every stage
+here is checked against its outputs in test_granite_nar.py.
+"""
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import math
+import sys
+import wave
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+
+def _load_fast_blas():
+    """MLX's Linux CPU wheel computes float32 matmuls with a reference BLAS (~5 GFLOP/s). An
+    OpenBLAS loaded with RTLD_GLOBAL before MLX supplies the same symbols ~40x faster."""
+    if sys.platform != "linux":
+        return True
+    for name in (ctypes.util.find_library("openblas"), "libopenblas.so.0"):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return True
+        except (OSError, TypeError):
+            continue
+    return False
+
+
+FAST_BLAS = _load_fast_blas()
+
+import mlx.core as mx  # noqa: E402  (after the BLAS above, on purpose)
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+SAMPLE_RATE = 16000
+N_FFT = 512  # 257 one-sided bins
+WIN_LENGTH = 400  # 25 ms periodic Hann, zero-padded to N_FFT
+HOP_LENGTH = 160  # 10 ms: 100 STFT frames/s, stacked in pairs to 50 encoder frames/s
+N_MELS = 80
+SAMPLES_PER_FRAME = 2 * HOP_LENGTH  # one encoder frame = 320 samples = 20 ms
+LOG_MEL_RANGE = 8.0  # log10 values are clamped to 8 below the utterance's maximum
+
+
+# ---- config ----
+
+
+def _from_dict(cls, config, where):
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in config]
+    if missing:
+        raise ValueError(f"config.json: {where} lacks {', '.join(missing)}")
+    return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+@dataclass
+class EncoderArgs:
+    input_dim: int
+    num_layers: int
+    hidden_dim: int
+    num_heads: int
+    dim_head: int
+    feedforward_mult: int
+    output_dim: int  # classes of the mid-layer (character) CTC head
+    context_size: int  # attention block length in frames
+    max_pos_emb: int
+    conv_kernel_size: int
+    conv_expansion_factor: int
+    self_conditioning_layer: int  # 1-based block after which the mid head feeds back
+    bpe_output_dim: int
+    bpe_pooling_window: int
+
+
+@dataclass
+class ProjectorArgs:
+    encoder_dim: int
+    num_encoder_layers: int
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    block_size: int  # encoder frames per Q-Former window
+    downsample_rate: int  # frames per query: block_size // downsample_rate queries per window
+    mlp_ratio: float
+    llm_dim: int
+    layernorm_eps: float
+    attn_bias: bool = True
+    mlp_bias: bool = True
+
+
+@dataclass
+class EditorArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    attention_multiplier: float
+    embedding_multiplier: float
+    logits_scaling: float
+    residual_multiplier: float
+
+
+@dataclass
+class ModelArgs:
+    encoder: EncoderArgs
+    projector: ProjectorArgs
+    editor: EditorArgs
+    encoder_layer_indices: list
+    blank_token_id: int
+    min_edit_sequence_length: int
+    scale_projected_embeddings: bool = True
+
+    @classmethod
+    def from_dict(cls, config):
+        sections = ("encoder_config", "projector_config", "text_config")
+        missing = [s for s in sections + ("encoder_layer_indices", "blank_token_id") if s not in config]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}: not a Granite Speech NAR config")
+        text = dict(config["text_config"])
+        rope = text.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"config.json: rope_type {rope['rope_type']!r} is not supported (only 'default')")
+        text.setdefault("rope_theta", rope.get("rope_theta"))
+        return cls(
+            encoder=_from_dict(EncoderArgs, config["encoder_config"], "encoder_config"),
+            projector=_from_dict(ProjectorArgs, config["projector_config"], "projector_config"),
+            editor=_from_dict(EditorArgs, text, "text_config"),
+            encoder_layer_indices=list(config["encoder_layer_indices"]),
+            blank_token_id=config["blank_token_id"],
+            min_edit_sequence_length=config.get("min_edit_sequence_length", 0),
+            scale_projected_embeddings=config.get("scale_projected_embeddings", True),
+        )
+
+
+# ---- featurizer ----
+
+
+def load_audio(path):
+    """Read a PCM WAV file as float32 mono at 16 kHz (channels averaged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        with wave.open(str(path), "rb") as f:
+            rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
+            data = f.readframes(f.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise ValueError(f"{path}: not a readable PCM WAV file ({e})") from None
+    if rate != SAMPLE_RATE:
+        raise ValueError(
+            f"{path}: sample rate is {rate} Hz, the model needs {SAMPLE_RATE} Hz "
+            f"(convert with: sox {path} -r {SAMPLE_RATE} out.wav)"
+        )
+    dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
+    if width not in dtypes:
+        raise ValueError(f"{path}: {8 * width}-bit PCM is not supported (8, 16 or 32-bit)")
+    samples = np.frombuffer(data, dtypes[width]).reshape(-1, channels).astype(np.float32)
+    if width == 1:
+        samples -= 128.0
+    return samples.mean(axis=1) / float(2 ** (8 * width - 1))
+
+
+def _mel_filterbank():
+    """HTK mel filters without area normalization, (N_FFT // 2 + 1, N_MELS), built in float64."""
+    hz_to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
+    mel_to_hz = lambda m: 700.0 * (10.0 ** (m / 2595.0) - 1.0)  # noqa: E731
+    f_pts = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(SAMPLE_RATE / 2), N_MELS + 2))
+    bins = np.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1)[:, None]
+    rising = (bins - f_pts[:-2]) / (f_pts[1:-1] - f_pts[:-2])
+    falling = (f_pts[2:] - bins) / (f_pts[2:] - f_pts[1:-1])
+    return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
+
+
+def _window():
+    """Periodic Hann of WIN_LENGTH, centered in N_FFT zeros."""
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)
+    side = (N_FFT - WIN_LENGTH) // 2
+    return np.pad(hann, (side, N_FFT - WIN_LENGTH - side)).astype(np.float32)
+
+
+MEL_FILTERS = mx.array(_mel_filterbank())
+WINDOW = mx.array(_window())
+
+
+def log_mel(waveform):
+    """(n_samples,) float waveform at 16 kHz -> (n_samples // 320, 160) encoder features."""
+    x = mx.array(waveform, dtype=mx.float32)
+    if x.ndim != 1:
+        raise ValueError(f"log_mel expects a mono waveform (n_samples,), got shape {x.shape}")
+    n_frames = 2 * (x.shape[0] // SAMPLES_PER_FRAME)  # STFT frames kept: an even count
+    if n_frames == 0:
+        raise ValueError(f"audio too short: {x.shape[0]} samples, at least {SAMPLES_PER_FRAME} needed")
+    pad = N_FFT // 2  # center=True with reflect padding
+    x = mx.concatenate([x[1 : pad + 1][::-1], x, x[-pad - 1 : -1][::-1]])
+    frames = mx.as_strided(x, (n_frames, N_FFT), (HOP_LENGTH, 1))  # (2T, 512)
+    spectrum = mx.fft.rfft(frames * WINDOW)
+    power = mx.square(spectrum.real) + mx.square(spectrum.imag)  # (2T, 257)
+    logmel = mx.log10(mx.maximum(power @ MEL_FILTERS, 1e-10))  # (2T, 80)
+    logmel = mx.maximum(logmel, logmel.max() - LOG_MEL_RANGE) / 4 + 1
+    return logmel.reshape(-1, 2 * N_MELS)  # (T, 160): frames 2t and 2t+1 side by side
+
+
+# ---- Conformer encoder ----
+
+
+class ConformerFeedForward(nn.Module):
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        dim = args.hidden_dim
+        self.pre_norm = nn.LayerNorm(dim)
+        self.up_proj = nn.Linear(dim, dim * args.feedforward_mult)
+        self.down_proj = nn.Linear(dim * args.feedforward_mult, dim)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.up_proj(self.pre_norm(x))))
+
+
+class ConformerAttention(nn.Module):
+    """Self-attention inside blocks of `context_size` frames, with Shaw relative positions."""
+
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        inner = args.num_heads * args.dim_head
+        self.num_heads, self.context_size, self.max_pos_emb = args.num_heads, args.context_size, args.max_pos_emb
+        self.scale = args.dim_head**-0.5
+        self.pre_norm = nn.LayerNorm(args.hidden_dim)
+        self.to_q = nn.Linear(args.hidden_dim, inner, bias=False)
+        self.to_kv = nn.Linear(args.hidden_dim, 2 * inner, bias=False)  # rows: K then V
+        self.to_out = nn.Linear(inner, args.hidden_dim)
+        self.rel_pos_emb = nn.Embedding(2 * args.max_pos_emb + 1, args.dim_head)
+
+    def __call__(self, x):
+        B, T, _ = x.shape
+        C, H = self.context_size, self.num_heads
+        n_blocks = -(-T // C)
+        h = mx.pad(self.pre_norm(x), [(0, 0), (0, n_blocks * C - T), (0, 0)])  # zero rows after the norm
+        q = self.to_q(h)
+        k, v = mx.split(self.to_kv(h), 2, axis=-1)
+        # (B, n_blocks * C, H * d) -> (B, n_blocks, H, C, d)
+        q, k, v = (a.reshape(B, n_blocks, C, H, -1).transpose(0, 1, 3, 2, 4) for a in (q, k, v))
+
+        # Shaw position term, scores[c, r] += scale * q_c . rel_pos_emb[c - r + max_pos_emb]
+        pos = mx.arange(C)
+        rel = self.rel_pos_emb(pos[:, None] - pos[None, :] + self.max_pos_emb)  # (C, C, d)
+        bias = mx.einsum("bnhcd,crd->bnhcr", q, rel) * self.scale
+        # Padded frames of the last block: the position term is replaced by -max (as upstream)
+        frame = mx.arange(n_blocks * C).reshape(n_blocks, 1, C)
+        real = (frame[..., :, None] < T) & (frame[..., None, :] < T)  # (n_blocks, 1, C, C)
+        bias = mx.where(real, bias, mx.finfo(bias.dtype).min)
+
+        q, k, v = (a.reshape(B * n_blocks, H, C, -1) for a in (q, k, v))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=bias.reshape(B * n_blocks, H, C, C))
+        out = out.reshape(B, n_blocks, H, C, -1).transpose(0, 1, 3, 2, 4).reshape(B, n_blocks * C, -1)
+        return self.to_out(out[:, :T])
+
+
+class ConformerConvModule(nn.Module):
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        dim, inner, K = args.hidden_dim, args.hidden_dim * args.conv_expansion_factor, args.conv_kernel_size
+        self.padding = (K // 2, K // 2 - (K + 1) % 2)  # "same" length, also for even K
+        self.norm = nn.LayerNorm(dim)
+        self.up_conv = nn.Linear(dim, 2 * inner)  # kernel-1 convs are Linears
+        self.depth_conv = nn.Conv1d(inner, inner, K, groups=inner, bias=False)
+        self.batch_norm = nn.BatchNorm(inner)
+        self.down_conv = nn.Linear(inner, dim)
+
+    def __call__(self, x):  # (B, T, D) -> (B, T, D), over the whole utterance
+        h = nn.glu(self.up_conv(self.norm(x)), axis=-1)  # first half * sigmoid(second half)
+        h = self.depth_conv(mx.pad(h, [(0, 0), self.padding, (0, 0)]))
+        return self.down_conv(nn.silu(self.batch_norm(h)))
+
+
+class ConformerBlock(nn.Module):
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        self.ff1 = ConformerFeedForward(args)
+        self.attn = ConformerAttention(args)
+        self.conv = ConformerConvModule(args)
+        self.ff2 = ConformerFeedForward(args)
+        self.post_norm = nn.LayerNorm(args.hidden_dim)
+
+    def __call__(self, x):
+        x = x + 0.5 * self.ff1(x)
+        x = x + self.attn(x)
+        x = x + self.conv(x)
+        x = x + 0.5 * self.ff2(x)
+        return self.post_norm(x)
+
+
+class ConformerEncoder(nn.Module):
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        self.args = args
+        self.input_linear = nn.Linear(args.input_dim, args.hidden_dim)
+        self.layers = [ConformerBlock(args) for _ in range(args.num_layers)]
+        self.out = nn.Linear(args.hidden_dim, args.output_dim)  # mid-layer CTC head
+        self.out_mid = nn.Linear(args.output_dim, args.hidden_dim)  # its feedback
+        self.out_bpe = nn.Linear(args.hidden_dim, args.bpe_output_dim)
+
+    def __call__(self, features):
+        """(B, T, 160) -> hidden states [input, block 1 .. block L] of (B, T, D), BPE logits (B, ceil(T/W), V)."""
+        x = self.input_linear(features)
+        hidden_states = [x]
+        for i, layer in enumerate(self.layers, start=1):
+            x = layer(x)
+            if i == self.args.self_conditioning_layer:
+                posteriors = mx.softmax(self.out(x), axis=-1, precise=True)
+                x = x + self.out_mid(posteriors)  # hidden_states[i] is the state after this
+            hidden_states.append(x)
+        pooled = self.pool(x, importance=1 - posteriors[..., 0])
+        return hidden_states, self.out_bpe(pooled)
+
+    def pool(self, x, importance):
+        """Average each window of W frames, weighted by the mid head's non-blank posterior (class 0).
+        (B, T, D), (B, T) -> (B, ceil(T/W), D); padded frames weigh 0."""
+        B, T, D = x.shape
+        W = self.args.bpe_pooling_window
+        pad = -T % W
+        x = mx.pad(x, [(0, 0), (0, pad), (0, 0)]).reshape(B, -1, W, D)
+        importance = mx.pad(importance, [(0, 0), (0, pad)]).reshape(B, -1, W, 1)
+        weights = importance / (importance.sum(axis=2, keepdims=True) + 1e-8)
+        return (weights * x).sum(axis=2)
+
+
+# ---- windowed Q-Former projector ----
+
+
+class QFormerAttention(nn.Module):
+    def __init__(self, args: ProjectorArgs):
+        super().__init__()
+        dim, bias = args.hidden_size, args.attn_bias
+        self.num_heads = args.num_heads
+        self.scale = (dim // args.num_heads) ** -0.5
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
+
+    def __call__(self, query, kv):  # (N, q, H), (N, B, H) -> (N, q, H)
+        N, Lq, _ = query.shape
+        heads = lambda a: a.reshape(N, a.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(N, Lq, -1))
+
+
+class QFormerMLP(nn.Module):
+    def __init__(self, args: ProjectorArgs):
+        super().__init__()
+        hidden = int(args.hidden_size * args.mlp_ratio)
+        self.fc1 = nn.Linear(args.hidden_size, hidden, bias=args.mlp_bias)
+        self.fc2 = nn.Linear(hidden, args.hidden_size, bias=args.mlp_bias)
+
+    def __call__(self, x):
+        return self.fc2(nn.silu(self.fc1(x)))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, args: ProjectorArgs):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
+        self.cross_attention = QFormerAttention(args)
+        self.mlp_norm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
+        self.mlp = QFormerMLP(args)
+
+    def __call__(self, query, kv):
+        query = query + self.cross_attention(self.attn_norm(query), kv)  # keys/values are not normalized
+        return query + self.mlp(self.mlp_norm(query))
+
+
+class QFormerProjector(nn.Module):
+    """Encoder layers -> windows of `block_size` frames -> `block_size // downsample_rate` vectors each."""
+
+    def __init__(self, args: ProjectorArgs):
+        super().__init__()
+        self.args = args
+        n_queries = args.block_size // args.downsample_rate
+        self.layer_norms = [nn.LayerNorm(args.encoder_dim, eps=args.layernorm_eps) for _ in range(args.num_encoder_layers)]
+        self.layer_projector = nn.Linear(args.num_encoder_layers * args.encoder_dim, args.hidden_size)
+        self.query = mx.zeros((1, n_queries, args.hidden_size))
+        self.window_positions = mx.zeros((1, args.block_size, args.hidden_size))
+        self.layers = [QFormerLayer(args) for _ in range(args.num_layers)]  # upstream: qformer.layers
+        self.out_norm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
+        self.out_linear = nn.Linear(args.hidden_size, args.llm_dim)
+
+    def __call__(self, x):
+        """(B, T, k * D) -> (B, ceil(T / block) * n_queries, llm_dim)."""
+        B, T, _ = x.shape
+        block, rate = self.args.block_size, self.args.downsample_rate
+        slices = mx.split(x, len(self.layer_norms), axis=-1)
+        x = mx.concatenate([norm(s) for norm, s in zip(self.layer_norms, slices)], axis=-1)
+        x = nn.gelu(self.layer_projector(x))  # exact (erf) GELU
+        n_blocks = -(-T // block)
+        x = mx.pad(x, [(0, 0), (0, n_blocks * block - T), (0, 0)])  # zero rows after the GELU
+        x = x.reshape(B * n_blocks, block, -1)  # (N, block, H)
+        query = self.query + x.reshape(B * n_blocks, block // rate, rate, -1).mean(axis=2)  # (N, q, H)
+        kv = x + self.window_positions  # padded rows included, no mask
+        for layer in self.layers:
+            query = layer(query, kv)
+        return self.out_linear(self.out_norm(query)).reshape(B, n_blocks * query.shape[1], -1)
+
+
+# ---- bidirectional Granite editor ----
+
+
+class EditorAttention(nn.Module):
+    def __init__(self, args: EditorArgs):
+        super().__init__()
+        dim, self.n_heads, self.n_kv_heads = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
+        head_dim = dim // self.n_heads
+        self.scale = args.attention_multiplier  # Granite scales scores by this, not 1/sqrt(head_dim)
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
+        self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)  # rotates halves
+
+    def __call__(self, x):  # (B, S, hidden) -> (B, S, hidden)
+        B, S, _ = x.shape
+        q = self.q_proj(x).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = self.rope(q), self.rope(k)  # positions 0..S-1 over [audio | text]
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)  # no mask: bidirectional
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+
+
+class EditorMLP(nn.Module):
+    def __init__(self, args: EditorArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EditorLayer(nn.Module):
+    def __init__(self, args: EditorArgs):
+        super().__init__()
+        self.residual_multiplier = args.residual_multiplier
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_attn = EditorAttention(args)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mlp = EditorMLP(args)
+
+    def __call__(self, h):
+        h = h + self.residual_multiplier * self.self_attn(self.input_layernorm(h))
+        return h + self.residual_multiplier * self.mlp(self.post_attention_layernorm(h))
+
+
+class GraniteEditor(nn.Module):
+    """A Granite decoder run without a causal mask. Upstream: language_model.model.*"""
+
+    def __init__(self, args: EditorArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [EditorLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs_embeds):  # (B, S, hidden) -> (B, S, hidden), after the final norm
+        h = inputs_embeds * self.args.embedding_multiplier
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm(h)
+
+    def head(self, h):  # tied output head: (B, n, hidden) -> (B, n, vocab)
+        return self.embed_tokens.as_linear(h) / self.args.logits_scaling
+
+
+# ---- the model ----
+
+
+class GraniteNAR(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.encoder = ConformerEncoder(args.encoder)
+        self.projector = QFormerProjector(args.projector)
+        self.editor = GraniteEditor(args.editor)
+
+    @property
+    def dtype(self):
+        return self.editor.norm.weight.dtype  # norms are never quantized
+
+    def encode(self, features):
+        """(T, 160) -> BPE CTC logits (ceil(T / W), vocab), audio embeddings (T // downsample_rate, llm_dim)."""
+        hidden_states, bpe_logits = self.encoder(features[None].astype(self.dtype))
+        multilayer = mx.concatenate([hidden_states[i] for i in self.args.encoder_layer_indices], axis=-1)
+        n_audio = features.shape[0] // self.args.projector.downsample_rate  # the projector's padded tail is dropped
+        audio_embeds = self.projector(multilayer)[0, :n_audio]
+        if self.args.scale_projected_embeddings:
+            audio_embeds = audio_embeds / self.args.editor.embedding_multiplier
+        return bpe_logits[0], audio_embeds
+
+    def edit(self, audio_embeds, hypothesis_ids):
+        """(A, llm_dim), n token ids -> logits (max(2n + 1, min_edit_sequence_length), vocab) for the text slots."""
+        slots = insert_slots(hypothesis_ids, self.args.blank_token_id, self.args.min_edit_sequence_length)
+        text_embeds = self.editor.embed_tokens(mx.array(slots, dtype=mx.int32))
+        inputs_embeds = mx.concatenate([audio_embeds.astype(text_embeds.dtype), text_embeds])[None]
+        hidden = self.editor(inputs_embeds)[:, audio_embeds.shape[0] :]  # the head runs on text rows only
+        return self.editor.head(hidden)[0]
+
+
+# ---- decoding ----
+
+
+def ctc_collapse(ids, blank_id):
+    """Greedy CTC: merge consecutive repeats, then drop blanks (`a _ a` stays `a a`)."""
+    ids = np.asarray(ids).tolist()
+    return [t for i, t in enumerate(ids) if t != blank_id and (i == 0 or t != ids[i - 1])]
+
+
+def insert_slots(ids, blank_id, min_len):
+    """[a, b] -> [_, a, _, b, _], right-padded with blanks to min_len."""
+    ids = list(ids)
+    slots = [blank_id] * max(2 * len(ids) + 1, min_len)
+    slots[1 : 2 * len(ids) : 2] = ids
+    return slots
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte-level alphabet: printable bytes map to themselves, the rest to U+0100 onwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class Tokenizer:
+    """Decoder for the byte-level BPE tokenizer.json (encoding is never needed)."""
+
+    def __init__(self, path):
+        path = Path(path)
+        try:
+            data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+            vocab = data["model"]["vocab"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path / 'tokenizer.json'}: not a readable BPE tokenizer ({e})") from None
+        self.tokens = {i: token for token, i in vocab.items()}
+        self.special_ids = set()
+        for added in data.get("added_tokens", []):
+            self.tokens[added["id"]] = added["content"]
+            if added.get("special"):
+                self.special_ids.add(added["id"])
+        self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        self.clean_up_tokenization_spaces = config.get("clean_up_tokenization_spaces", False)
+
+    def _token_bytes(self, token):
+        if all(c in self.byte_of for c in token):
+            return bytes(self.byte_of[c] for c in token)
+        return token.encode("utf-8")  # a token outside the byte alphabet stands for itself
+
+    def decode(self, ids):
+        """Token ids -> text, special tokens skipped, invalid UTF-8 replaced by U+FFFD."""
+        tokens = [self.tokens[i] for i in np.asarray(ids).tolist() if i in self.tokens and i not in self.special_ids]
+        text = b"".join(self._token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        if self.clean_up_tokenization_spaces:
+            for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):  # fmt: skip
+                text = text.replace(before, after)
+        return text
+
+
+# ---- loading ----
+
+# Upstream checkpoint names -> ours, applied in order (original hub and transformers-native layouts)
+RENAMES = (
+    ("model.language_model.", "editor."),
+    ("model.encoder.", "encoder."),
+    ("model.projector.", "projector."),
+    ("language_model.model.", "editor."),
+    ("projector.qformer.layers.", "projector.layers."),
+    (".depth_conv.conv.", ".depth_conv."),
+)
+
+
+def sanitize(weights):
+    """Upstream PyTorch tensors -> this module's names and MLX layouts."""
+    out = {}
+    for key, value in weights.items():
+        if key.endswith("num_batches_tracked") or key.endswith("lm_head.weight"):  # lm_head is tied
+            continue
+        for old, new in RENAMES:
+            key = key.replace(old, new)
+        if key.endswith(("up_conv.weight", "down_conv.weight")) and value.ndim == 3:
+            value = value[..., 0]  # (out, in, 1) -> Linear (out, in)
+        elif key.endswith("depth_conv.weight") and value.ndim == 3:
+            value = value.swapaxes(1, 2)  # (C, 1, K) -> MLX (C, K, 1)
+        out[key] = value
+    return out
+
+
+def check_weights(model, weights):
+    """Raise a ValueError naming every unknown, missing or mis-shaped tensor."""
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    problems = []
+    for label, keys in (
+        ("unknown", sorted(set(weights) - set(expected))),
+        ("missing", sorted(set(expected) - set(weights))),
+    ):
+        if keys:
+            problems.append(f"{len(keys)} {label}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+    misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
+                 if k in weights and tuple(weights[k].shape) != tuple(s)]  # fmt: skip
+    if misshaped:
+        problems.append(f"{len(misshaped)} mis-shaped: " + ", ".join(misshaped[:8]))
+    if problems:
+        raise ValueError("weights do not match config.json: " + "; ".join(problems))
+
+
+def read_config(path):
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: expected a model directory")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+
+
+def default_dtype():
+    """float32 on the CPU (MLX's CPU half-precision matmuls are slow), bfloat16 on a GPU."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def load(path, dtype=None):
+    """Load a directory written by convert.py -> (GraniteNAR, Tokenizer)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    model = GraniteNAR(ModelArgs.from_dict(read_config(path)))
+    weights_file = path / "model.safetensors"
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} not found (convert a checkpoint with convert.py first)")
+    try:
+        weights = mx.load(str(weights_file))
+    except Exception as e:  # mlx raises RuntimeError or ValueError for a damaged file
+        raise ValueError(f"{weights_file}: cannot read ({e})") from None
+    if any(k.startswith(("language_model.", "model.")) for k in weights):
+        raise ValueError(f"{path} holds an upstream checkpoint: convert it with python convert.py --hf-path {path}")
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    model.set_dtype(dtype or default_dtype())
+    model.eval()  # BatchNorm uses its running statistics
+    mx.eval(model.parameters())
+    return model, Tokenizer(path)
+
+
+# ---- transcription ----
+
+
+def transcribe(model, tokenizer, audio):
+    """audio: a WAV path or a float32 16 kHz mono waveform -> transcript."""
+    waveform = load_audio(audio) if isinstance(audio, (str, Path)) else np.asarray(audio, dtype=np.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"expected a mono waveform (n_samples,), got shape {waveform.shape}")
+    if not np.isfinite(waveform).all():
+        raise ValueError("waveform contains NaN or infinite samples")
+    if waveform.shape[0] < SAMPLES_PER_FRAME:  # not one 20 ms encoder frame
+        return ""
+    blank = model.args.blank_token_id
+    bpe_logits, audio_embeds = model.encode(log_mel(waveform))
+    hypothesis = ctc_collapse(mx.argmax(bpe_logits, axis=-1), blank)
+    text_logits = model.edit(audio_embeds, hypothesis)
+    return tokenizer.decode(ctc_collapse(mx.argmax(text_logits, axis=-1), blank))
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description="Transcribe 16 kHz WAV files with Granite Speech 4.1 NAR (MLX). Prints one transcript per file."
+    )
+    parser.add_argument("audio", nargs="+", help="WAV files (16 kHz; stereo is averaged)")
+    parser.add_argument("--model", required=True, help="directory written by convert.py")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32 on CPU, bfloat16 on GPU)"
+    )
+    args = parser.parse_args()
+    if not FAST_BLAS and mx.default_device() == mx.cpu:
+        print("note: OpenBLAS not found, CPU matmuls will be slow (apt-get install libopenblas0-pthread)", file=sys.stderr)
+    try:
+        model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    failed = 0
+    for path in args.audio:
+        try:
+            print(transcribe(model, tokenizer, path), flush=True)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Every stage of granite_nar.py against the upstream PyTorch model's outputs (tests/fixtures/dev).
+
+The fixture is a random-weight checkpoint in the original hub layout plus every intermediate the
+reference computed in float32 (see tests/fixtures/dev/README.md). Float stages must match to
+1e-4 of the array's largest magnitude, ids and text exactly.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import granite_nar as g
+from convert import convert
+
+HERE = Path(__file__).parent
+FIXTURE = HERE / "tests" / "fixtures" / "dev"
+CHECKPOINT = FIXTURE / "checkpoint"
+CASES = {"golden": "audio.wav", "golden_short": "audio_short.wav"}
+TOL = 1e-4  # float32: max |ours - ref| <= TOL * max |ref|
+# bfloat16 keeps 8 significant bits (unit roundoff 2**-9 ~ 0.2 %); through the 4 + 2 + 2 layers of the
+# fixture the measured error is <= 1.5 % of each array's max, so 4 % is a bound with headroom.
+TOL_BF16 = 4e-2
+
+
+def assert_close(ours, ref, tol=TOL):
+    ours = np.array(ours.astype(mx.float32)) if isinstance(ours, mx.array) else np.asarray(ours)
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err <= tol, f"max |diff| = {err:.2e} x max |ref|"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "mlx"
+    convert(CHECKPOINT, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir):
+    return g.load(model_dir, dtype=mx.float32)
+
+
+@pytest.fixture(params=list(CASES), scope="session")
+def case(request):
+    name = request.param
+    golden = dict(np.load(FIXTURE / f"{name}.npz"))
+    golden.update(json.loads((FIXTURE / f"{name}.json").read_text()))
+    golden["audio_path"] = FIXTURE / CASES[name]
+    return golden
+
+
+# ---- featurizer ----
+
+
+def test_load_audio(case):
+    np.testing.assert_array_equal(g.load_audio(case["audio_path"]), case["waveform"])
+
+
+def test_log_mel(case):
+    # The residual (~1.6e-5 x max) is the reference's own float32 FFT rounding in low-energy bins:
+    # a float64 STFT lands as far from the reference as this one does.
+    features = g.log_mel(case["waveform"])
+    assert features.shape == (case["n_samples"] // 320, 160)
+    assert_close(features, case["input_features"])
+
+
+# ---- encoder ----
+
+
+def test_encoder_hidden_states_and_bpe_logits(loaded, case):
+    model, _ = loaded
+    hidden_states, bpe_logits = model.encoder(mx.array(case["input_features"])[None])
+    assert len(hidden_states) == model.args.encoder.num_layers + 1
+    for ours, ref in zip(hidden_states, case["encoder_hidden_states"]):
+        assert_close(ours[0], ref)
+    assert_close(bpe_logits[0], case["encoder_bpe_logits"])
+    np.testing.assert_array_equal(np.array(mx.argmax(bpe_logits[0], axis=-1)), case["encoder_bpe_argmax"])
+
+
+def test_self_conditioning_stage(loaded, case):
+    model, _ = loaded
+    s = model.args.encoder.self_conditioning_layer
+    before = model.encoder.layers[s - 1](mx.array(case["encoder_hidden_states"][s - 1])[None])[0]
+    assert_close(before, case["encoder_selfcond_input"])
+    assert_close(model.encoder.out(mx.array(case["encoder_selfcond_input"])), case["encoder_mid_logits"])
+
+
+def test_bpe_pooling(loaded, case):
+    model, _ = loaded
+    importance = 1 - mx.softmax(mx.array(case["encoder_mid_logits"]), axis=-1)[:, 0]
+    pooled = model.encoder.pool(mx.array(case["encoder_hidden_states"][-1])[None], importance[None])[0]
+    assert pooled.shape[0] == case["n_windows"]
+    assert_close(pooled, case["encoder_bpe_pooled"])
+
+
+def test_encoder_hypothesis(case):
+    preds = g.ctc_collapse(case["encoder_bpe_argmax"], case["blank_token_id"])
+    assert preds == case["encoder_preds"].tolist()
+
+
+# ---- projector ----
+
+
+def test_multilayer_features(loaded, case):
+    model, _ = loaded
+    selected = [case["encoder_hidden_states"][i] for i in model.args.encoder_layer_indices]
+    np.testing.assert_array_equal(np.concatenate(selected, axis=-1), case["multilayer_features"])
+
+
+def test_projector(loaded, case):
+    model, _ = loaded
+    assert_close(model.projector(mx.array(case["multilayer_features"])[None])[0], case["projector_out"])
+
+
+def test_encode(loaded, case):
+    model, _ = loaded
+    bpe_logits, audio_embeds = model.encode(mx.array(case["input_features"]))
+    assert audio_embeds.shape[0] == case["audio_len"] == case["T_enc"] // 5
+    assert_close(bpe_logits, case["encoder_bpe_logits"])
+    assert_close(audio_embeds, case["audio_embeds"])
+
+
+# ---- editor ----
+
+
+def test_insert_slots_matches_reference(case):
+    slots = g.insert_slots(case["encoder_preds"], case["blank_token_id"], case["min_edit_sequence_length"])
+    assert slots == case["editor_input_ids"].tolist()
+
+
+def test_editor_embeddings(loaded, case):
+    model, _ = loaded
+    text_embeds = model.editor.embed_tokens(mx.array(case["editor_input_ids"]))
+    assert_close(text_embeds, case["editor_inputs_embeds"][case["audio_len"] :])
+    assert_close(mx.array(case["audio_embeds"]), case["editor_inputs_embeds"][: case["audio_len"]])
+
+
+def test_editor_last_hidden(loaded, case):
+    model, _ = loaded
+    np.testing.assert_array_equal(case["editor_position_ids"], np.arange(len(case["editor_inputs_embeds"])))
+    assert_close(model.editor(mx.array(case["editor_inputs_embeds"])[None])[0], case["editor_last_hidden"])
+
+
+def test_edit(loaded, case):
+    model, tokenizer = loaded
+    text_logits = model.edit(mx.array(case["audio_embeds"]), case["encoder_preds"].tolist())
+    assert_close(text_logits, case["editor_text_logits"])
+    argmax = np.array(mx.argmax(text_logits, axis=-1))
+    np.testing.assert_array_equal(argmax, case["editor_argmax"])
+    pred_ids = g.ctc_collapse(argmax, case["blank_token_id"])
+    assert pred_ids == case["pred_ids"].tolist()
+    assert tokenizer.decode(pred_ids) == case["decoded_text"]
+    assert tokenizer.decode(case["encoder_preds"]) == case["decoded_encoder_hypothesis"]
+
+
+def test_transcribe_path_and_waveform(loaded, case):
+    model, tokenizer = loaded
+    assert g.transcribe(model, tokenizer, case["audio_path"]) == case["decoded_text"]
+    assert g.transcribe(model, tokenizer, str(case["audio_path"])) == case["decoded_text"]
+    assert g.transcribe(model, tokenizer, case["waveform"]) == case["decoded_text"]
+
+
+# ---- reduced precision ----
+
+
+def _margin(logits):
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def test_bfloat16_stages(model_dir, case):
+    model, _ = g.load(model_dir, dtype=mx.bfloat16)
+    assert model.editor.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
+    bpe_logits, audio_embeds = model.encode(mx.array(case["input_features"]))
+    text_logits = model.edit(mx.array(case["audio_embeds"]), case["encoder_preds"].tolist())
+    for ours, name in ((bpe_logits, "encoder_bpe_logits"), (audio_embeds, "audio_embeds"), (text_logits, "editor_text_logits")):
+        assert_close(ours, case[name], TOL_BF16)
+    # An id may only differ where the reference's top-1/top-2 gap is within twice the error bound.
+    for ours, name in ((bpe_logits, "encoder_bpe_logits"), (text_logits, "editor_text_logits")):
+        ref = case[name]
+        decided = _margin(ref) > 2 * TOL_BF16 * np.abs(ref).max()
+        ours_ids = np.array(mx.argmax(ours, axis=-1))
+        np.testing.assert_array_equal(ours_ids[decided], ref.argmax(-1)[decided])
+
+
+# ---- decoding units ----
+
+
+def test_ctc_collapse_merges_before_dropping_blanks():
+    assert g.ctc_collapse([5, 5, 0, 5, 7, 7, 0, 0], blank_id=0) == [5, 5, 7]
+    assert g.ctc_collapse([0, 0, 0], blank_id=0) == []
+    assert g.ctc_collapse([], blank_id=0) == []
+    assert g.ctc_collapse(mx.array([3, 3, 4]), blank_id=9) == [3, 4]
+
+
+def test_insert_slots():
+    assert g.insert_slots([1, 2], blank_id=0, min_len=0) == [0, 1, 0, 2, 0]
+    assert g.insert_slots([1, 2], blank_id=0, min_len=8) == [0, 1, 0, 2, 0, 0, 0, 0]
+    assert g.insert_slots([], blank_id=7, min_len=3) == [7, 7, 7]
+    assert g.insert_slots([], blank_id=7, min_len=0) == [7]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return g.Tokenizer(CHECKPOINT)
+
+
+def test_detokenizer_multibyte_split_across_tokens(tokenizer):
+    vocab = json.loads((CHECKPOINT / "tokenizer.json").read_text())["model"]["vocab"]
+    # GPT-2 byte alphabet: 0xC3 -> 'Ã', 0xA9 -> '©', 0xBC -> '¼' (printable, themselves), space -> 'Ġ'
+    e_acute = [vocab["Ã"], vocab["©"]]  # "é" = C3 A9
+    assert tokenizer.decode(e_acute) == "é"
+    assert tokenizer.decode([vocab["Ġ"], *e_acute, vocab["Ã"], vocab["¼"]]) == " éü"
+    assert tokenizer.decode([vocab["Ã"]]) == "\ufffd"  # truncated sequence
+    assert tokenizer.decode([vocab["©"], vocab["a"]]) == "\ufffda"  # lone continuation byte
+    assert tokenizer.decode([vocab["Ċ"]]) == "\n"
+
+
+def test_detokenizer_skips_special_tokens(tokenizer):
+    vocab = json.loads((CHECKPOINT / "tokenizer.json").read_text())["model"]["vocab"]
+    assert tokenizer.decode([352, vocab["a"], 353, vocab["b"], 356]) == "ab"
+    assert tokenizer.decode([]) == ""
+
+
+def test_detokenizer_clean_up_tokenization_spaces(tmp_path):
+    vocab = json.loads((CHECKPOINT / "tokenizer.json").read_text())["model"]["vocab"]
+    ids = [vocab["a"], vocab["Ġ"], vocab["."]]
+    shutil.copy(CHECKPOINT / "tokenizer.json", tmp_path)
+    config = json.loads((CHECKPOINT / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    assert g.Tokenizer(CHECKPOINT).decode(ids) == "a ."
+    assert g.Tokenizer(tmp_path).decode(ids) == "a."
+
+
+# ---- inputs ----
+
+
+def test_short_silent_and_invalid_audio(loaded, tmp_path):
+    model, tokenizer = loaded
+    assert g.transcribe(model, tokenizer, np.zeros(319, np.float32)) == ""
+    assert isinstance(g.transcribe(model, tokenizer, np.zeros(16000, np.float32)), str)
+    with pytest.raises(ValueError, match="NaN"):
+        g.transcribe(model, tokenizer, np.full(16000, np.nan, np.float32))
+    with pytest.raises(ValueError, match="mono"):
+        g.transcribe(model, tokenizer, np.zeros((2, 16000), np.float32))
+    with pytest.raises(ValueError, match="too short"):
+        g.log_mel(np.zeros(100, np.float32))
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        g.load_audio(tmp_path / "nope.wav")
+    (tmp_path / "bad.wav").write_bytes(b"not a wav file at all")
+    with pytest.raises(ValueError, match="bad.wav"):
+        g.load_audio(tmp_path / "bad.wav")
+
+
+def _write_wav(path, samples, rate=16000, channels=1):
+    import wave
+
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(samples.astype(np.int16).tobytes())
+
+
+def test_load_audio_rate_and_channels(tmp_path):
+    _write_wav(tmp_path / "44k.wav", np.zeros(441, np.int16), rate=44100)
+    with pytest.raises(ValueError, match="44100 Hz"):
+        g.load_audio(tmp_path / "44k.wav")
+    stereo = np.stack([np.full(10, 1000), np.full(10, 3000)], axis=1)  # (frames, channels), interleaved
+    _write_wav(tmp_path / "stereo.wav", stereo, channels=2)
+    np.testing.assert_array_equal(g.load_audio(tmp_path / "stereo.wav"), np.full(10, 2000 / 32768, np.float32))
+
+
+# ---- loading and conversion ----
+
+
+def _upstream_copy(tmp_path, edit_weights=None, edit_config=None):
+    """A copy of the fixture checkpoint, single-file, with its tensors or config edited."""
+    src = tmp_path / "upstream"
+    src.mkdir()
+    weights = {}
+    for shard in sorted(CHECKPOINT.glob("*.safetensors")):
+        weights.update(mx.load(str(shard)))
+    config = json.loads((CHECKPOINT / "config.json").read_text())
+    if edit_weights:
+        edit_weights(weights)
+    if edit_config:
+        edit_config(config)
+    mx.save_safetensors(str(src / "model.safetensors"), weights)
+    (src / "config.json").write_text(json.dumps(config))
+    shutil.copy(CHECKPOINT / "tokenizer.json", src)
+    return src
+
+
+def test_convert_layouts_and_dtype(model_dir, tmp_path):
+    ours = mx.load(str(model_dir / "model.safetensors"))
+    assert not any(k.endswith("num_batches_tracked") for k in ours)
+    assert ours["encoder.layers.0.conv.depth_conv.weight"].shape == (128, 15, 1)  # (C, K, 1)
+    assert ours["encoder.layers.0.conv.up_conv.weight"].shape == (256, 64)
+    assert ours["editor.embed_tokens.weight"].dtype == mx.bfloat16
+
+    def to_native(weights):  # the transformers-native namespace, with its tied lm_head stored
+        for key in list(weights):
+            new = key.replace("language_model.model.", "language_model.")
+            weights["model." + new] = weights.pop(key)
+        weights["lm_head.weight"] = weights["model.language_model.embed_tokens.weight"]
+
+    convert(_upstream_copy(tmp_path, to_native), tmp_path / "native", dtype=mx.float32)
+    native = mx.load(str(tmp_path / "native" / "model.safetensors"))
+    assert sorted(native) == sorted(ours)
+    for key in ours:
+        assert native[key].dtype == mx.float32
+        np.testing.assert_array_equal(np.array(native[key]), np.array(ours[key].astype(mx.float32)))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda w: w.pop("encoder.layers.1.attn.to_q.weight"), "missing: encoder.layers.1.attn.to_q.weight"),
+        (lambda w: w.update({"encoder.extra.weight": mx.zeros((2,))}), "unknown: encoder.extra.weight"),
+        (lambda w: w.update({"projector.query": mx.zeros((1, 4, 128))}), r"mis-shaped: projector.query \(1, 4, 128\)"),
+    ],
+)
+def test_convert_rejects_bad_tensors_and_writes_nothing(tmp_path, edit, message):
+    src = _upstream_copy(tmp_path, edit)
+    with pytest.raises(ValueError, match=message):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["upstream"]  # no temporary directory left either
+
+
+def test_convert_rejects_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        convert(tmp_path / "missing", tmp_path / "out")
+    src = _upstream_copy(tmp_path, edit_config=lambda c: c.pop("encoder_config"))
+    with pytest.raises(ValueError, match="encoder_config"):
+        convert(src, tmp_path / "out")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="busy"):
+        convert(CHECKPOINT, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_load_rejects_bad_directories(model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        g.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="upstream checkpoint"):
+        g.load(_upstream_copy(tmp_path))
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(model_dir, mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["encoder_config"]["num_layers"] = 3
+    (mismatched / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown: encoder.layers.3"):
+        g.load(mismatched)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="cannot read"):
+        g.load(corrupt)
+
+
+# ---- command line ----
+
+
+def _run(*args):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, encoding="utf-8", env=env, cwd=HERE)
+
+
+def test_cli_convert_then_transcribe(tmp_path):
+    out = tmp_path / "m"
+    result = _run("convert.py", "--hf-path", CHECKPOINT, "--mlx-path", out)
+    assert result.returncode == 0, result.stderr
+    result = _run("granite_nar.py", FIXTURE / "audio.wav", FIXTURE / "audio_short.wav", "--model", out)
+    assert result.returncode == 0, result.stderr
+    expected = [json.loads((FIXTURE / f"{name}.json").read_text())["decoded_text"] for name in CASES]
+    assert result.stdout == "".join(text + "\n" for text in expected)
+
+
+def test_cli_reports_bad_files_and_keeps_going(model_dir, tmp_path):
+    result = _run("granite_nar.py", tmp_path / "missing.wav", FIXTURE / "audio_short.wav", "--model", model_dir)
+    assert result.returncode == 1
+    assert "missing.wav" in result.stderr
+    assert result.stdout == json.loads((FIXTURE / "golden_short.json").read_text())["decoded_text"] + "\n"
+    result = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", tmp_path / "nowhere")
+    assert result.returncode == 1 and "model directory not found" in result.stderr
