@@ -1,7 +1,7 @@
 """Every stage of granite_nar.py against the upstream PyTorch model's outputs (tests/fixtures/dev).
 
 The fixture is a random-weight checkpoint in the original hub layout plus every intermediate the
-reference computed in float32 (see tests/fixtures/dev/README.md). Float stages must match to
+reference computed in float32 (see tests/fixtures/README.md). Float stages must match to
 1e-4 of the array's largest magnitude, ids and text exactly.
 """
 
