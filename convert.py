@@ -2,10 +2,13 @@
 
     python convert.py --hf-path path/to/granite-speech-4.1-2b-nar --mlx-path granite_nar_mlx
 
+    python convert.py --hf-path ... --mlx-path granite_nar_mlx_5bit -q        # 5-bit editor
+
 Reads config.json, model.safetensors (or shards + model.safetensors.index.json) in the original hub
 namespace (encoder.*, projector.*, language_model.model.*) or the transformers-native one (model.*,
-lm_head.*), renames and re-lays the tensors for granite_nar.py, and writes model.safetensors,
-config.json and the tokenizer files. The output directory appears complete or not at all.
+lm_head.*), renames and re-lays the tensors for granite_nar.py, optionally quantizes them, and
+writes model.safetensors, config.json and the tokenizer files. The output directory appears
+complete or not at all.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from granite_nar import GraniteNAR, ModelArgs, check_weights, read_config, sanitize
@@ -44,8 +48,28 @@ def read_upstream_weights(hf_path):
     return weights
 
 
-def convert(hf_path, mlx_path, dtype=None):
-    """Write the MLX model directory; dtype None keeps the stored precision (bf16 upstream)."""
+def quantize(model, bits, group_size, scope):
+    """Affine-quantize in place: every editor Linear and the tied embedding (its as_linear is the
+    output head); with scope "all" also the encoder/projector Linears whose input the group divides."""
+
+    def predicate(path, module):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return False
+        fits = module.weight.shape[-1] % group_size == 0
+        if path.startswith("editor."):
+            if not fits:
+                raise ValueError(
+                    f"--q-group-size {group_size} does not divide {path}'s input size {module.weight.shape[-1]}: choose a smaller one"
+                )
+            return True
+        return scope == "all" and isinstance(module, nn.Linear) and fits
+
+    nn.quantize(model, group_size, bits, class_predicate=predicate)
+
+
+def convert(hf_path, mlx_path, dtype=None, quantization=None):
+    """Write the MLX model directory. dtype None keeps the stored precision (bf16 upstream);
+    quantization: None or {"bits": 4|5|6|8, "group_size": 32|64|128, "scope": "editor"|"all"}."""
     hf_path, mlx_path = Path(hf_path), Path(mlx_path)
     if not hf_path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {hf_path}")
@@ -59,9 +83,16 @@ def convert(hf_path, mlx_path, dtype=None):
     check_weights(model, weights)
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}
+    model.load_weights(list(weights.items()))
+    n_params = {name: sum(v.size for _, v in tree_flatten(part.parameters())) for name, part in model.children().items()}
+    if quantization:
+        quantize(model, **quantization)
+        config["quantization"] = quantization
+    weights = dict(tree_flatten(model.parameters()))
 
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"{len(weights)} tensors, {n_params / 1e6:.1f} M parameters", file=sys.stderr)
+    for name, part in model.children().items():
+        n_bytes = sum(v.nbytes for _, v in tree_flatten(part.parameters()))
+        print(f"{name:9s} {n_params[name] / 1e6:9.1f} M parameters {n_bytes / 1e6:9.1f} MB", file=sys.stderr)
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
     tmp.chmod(0o755)
@@ -77,7 +108,7 @@ def convert(hf_path, mlx_path, dtype=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = (mlx_path / "model.safetensors").stat().st_size
-    print(f"wrote {mlx_path} ({size / 1e6:.1f} MB)", file=sys.stderr)
+    print(f"wrote {mlx_path}: model.safetensors {size / 1e6:.1f} MB", file=sys.stderr)
 
 
 def main():
@@ -87,9 +118,19 @@ def main():
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: as stored, bf16 upstream)"
     )
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize (affine, see --q-*)")
+    parser.add_argument("--q-bits", type=int, choices=[4, 5, 6, 8], default=5, help="bits per weight (default: 5)")
+    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64, help="group size (default: 64)")
+    parser.add_argument(
+        "--q-scope",
+        choices=["editor", "all"],
+        default="editor",
+        help="editor: its Linears and tied embedding (default); all: also encoder/projector Linears",
+    )
     args = parser.parse_args()
+    quantization = {"bits": args.q_bits, "group_size": args.q_group_size, "scope": args.q_scope} if args.quantize else None
     try:
-        convert(args.hf_path, args.mlx_path, getattr(mx, args.dtype) if args.dtype else None)
+        convert(args.hf_path, args.mlx_path, getattr(mx, args.dtype) if args.dtype else None, quantization)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -654,11 +654,12 @@ def default_dtype():
 
 
 def load(path, dtype=None):
-    """Load a directory written by convert.py -> (GraniteNAR, Tokenizer)."""
+    """Load a directory written by convert.py (quantized or not) -> (GraniteNAR, Tokenizer)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
-    model = GraniteNAR(ModelArgs.from_dict(read_config(path)))
+    config = read_config(path)
+    model = GraniteNAR(ModelArgs.from_dict(config))
     weights_file = path / "model.safetensors"
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} not found (convert a checkpoint with convert.py first)")
@@ -668,6 +669,14 @@ def load(path, dtype=None):
         raise ValueError(f"{weights_file}: cannot read ({e})") from None
     if any(k.startswith(("language_model.", "model.")) for k in weights):
         raise ValueError(f"{path} holds an upstream checkpoint: convert it with python convert.py --hf-path {path}")
+    quantization = config.get("quantization")
+    stored_quantized = any(k.endswith(".scales") for k in weights)
+    if bool(quantization) != stored_quantized:
+        found = "quantized" if stored_quantized else "unquantized"
+        raise ValueError(f"{path}: config.json quantization is {quantization}, but the tensors are {found}")
+    if quantization:  # rebuild exactly the layers stored quantized, then their shapes must match the bits
+        is_quantized = lambda p, m: f"{p}.scales" in weights  # noqa: E731
+        nn.quantize(model, quantization["group_size"], quantization["bits"], class_predicate=is_quantized)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     model.set_dtype(dtype or default_dtype())

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -394,3 +395,95 @@ def test_cli_reports_bad_files_and_keeps_going(model_dir, tmp_path):
     assert result.stdout == json.loads((FIXTURE / "golden_short.json").read_text())["decoded_text"] + "\n"
     result = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", tmp_path / "nowhere")
     assert result.returncode == 1 and "model directory not found" in result.stderr
+
+
+# ---- quantization ----
+
+Q_GROUP = 32  # the fixture editor is 96 wide: 64 does not divide it
+
+
+@pytest.fixture(scope="session", params=[4, 5, 6, 8])
+def quantized(request, tmp_path_factory):
+    bits = request.param
+    out = tmp_path_factory.mktemp(f"q{bits}") / "mlx"
+    convert(CHECKPOINT, out, quantization={"bits": bits, "group_size": Q_GROUP, "scope": "editor"})
+    return bits, out
+
+
+def _dequantized_editor_model(model_dir, bits):
+    """The float model whose editor weights went through convert's quantization and back."""
+    model, _ = g.load(model_dir, dtype=mx.float32)
+    for path, module in model.editor.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            w, scales, biases = mx.quantize(module.weight.astype(mx.bfloat16), Q_GROUP, bits)  # stored bf16
+            module.weight = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), Q_GROUP, bits)
+    return model
+
+
+def test_quantized_editor_equals_dequantized_weights(model_dir, quantized, case):
+    bits, q_dir = quantized
+    q_model, _ = g.load(q_dir, dtype=mx.float32)
+    reference = _dequantized_editor_model(model_dir, bits)
+    audio_embeds, hypothesis = mx.array(case["audio_embeds"]), case["encoder_preds"].tolist()
+    ours, ref = q_model.edit(audio_embeds, hypothesis), reference.edit(audio_embeds, hypothesis)
+    assert_close(ours, np.array(ref), tol=1e-5)
+    assert not np.allclose(np.array(ref), case["editor_text_logits"], atol=1e-3)  # quantization did change it
+    bpe_logits, q_embeds = q_model.encode(mx.array(case["input_features"]))  # encoder/projector untouched
+    assert_close(bpe_logits, case["encoder_bpe_logits"])
+    assert_close(q_embeds, case["audio_embeds"])
+
+
+def test_quantized_module_types_config_and_size(model_dir, quantized):
+    bits, q_dir = quantized
+    model, _ = g.load(q_dir)
+    assert json.loads((q_dir / "config.json").read_text())["quantization"] == {
+        "bits": bits, "group_size": Q_GROUP, "scope": "editor"}  # fmt: skip
+    assert isinstance(model.editor.embed_tokens, nn.QuantizedEmbedding)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+            assert isinstance(module, nn.QuantizedLinear) == name.startswith("editor."), name
+    stored = mx.load(str(q_dir / "model.safetensors"))
+    float_stored = mx.load(str(model_dir / "model.safetensors"))
+    editor_bytes = lambda w: sum(v.nbytes for k, v in w.items() if k.startswith("editor."))  # noqa: E731
+    # bf16 is 16 bits a weight; affine adds a bf16 scale and bias per group of 32 (1 bit a weight)
+    assert editor_bytes(stored) < editor_bytes(float_stored) * (bits + 1.05) / 16
+    assert (q_dir / "model.safetensors").stat().st_size < (model_dir / "model.safetensors").stat().st_size
+
+
+def test_quantized_cli_transcribes(model_dir, quantized):
+    bits, q_dir = quantized
+    reference = _dequantized_editor_model(model_dir, bits)
+    expected = g.transcribe(reference, g.Tokenizer(model_dir), FIXTURE / "audio.wav")
+    result = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", q_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_quantize_scope_all(tmp_path):
+    out = tmp_path / "all"
+    result = _run("convert.py", "--hf-path", CHECKPOINT, "--mlx-path", out, "-q", "--q-bits", "4", "--q-group-size", "32", "--q-scope", "all")
+    assert result.returncode == 0, result.stderr
+    assert "editor" in result.stderr and "MB" in result.stderr  # the per-component size table
+    model, _ = g.load(out)
+    assert isinstance(model.encoder.layers[0].ff1.up_proj, nn.QuantizedLinear)  # input 64
+    assert isinstance(model.encoder.input_linear, nn.QuantizedLinear)  # input 160 = 5 x 32
+    assert isinstance(model.encoder.out_mid, nn.Linear)  # input 12: not divisible, stays float
+    assert isinstance(model.projector.layer_projector, nn.QuantizedLinear)
+
+
+def test_quantization_errors(quantized, tmp_path):
+    bits, q_dir = quantized
+    result = _run("convert.py", "--hf-path", CHECKPOINT, "--mlx-path", tmp_path / "x", "-q", "--q-group-size", "64")
+    assert result.returncode == 1 and "does not divide" in result.stderr
+    assert not (tmp_path / "x").exists()
+    wrong_bits = tmp_path / "wrong_bits"
+    shutil.copytree(q_dir, wrong_bits)
+    config = json.loads((wrong_bits / "config.json").read_text())
+    config["quantization"]["bits"] = 8 if bits != 8 else 4
+    (wrong_bits / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mis-shaped: editor"):
+        g.load(wrong_bits)
+    del config["quantization"]
+    (wrong_bits / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tensors are quantized"):
+        g.load(wrong_bits)
