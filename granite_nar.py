@@ -219,6 +219,61 @@ def log_mel(waveform):
     return logmel.reshape(-1, 2 * N_MELS)  # (T, 160): frames 2t and 2t+1 side by side
 
 
+# ---- activations and attention ----
+# MLX's CPU backend evaluates exp at ~13 ns an element, ~100x the cost of a multiply, which would make
+# activations and softmax a third of a CPU run. On the CPU, float32 exp is built from arithmetic:
+# e^x = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f a degree-6 polynomial (relative error
+# 3e-9, under float32's rounding) and 2^n written into the exponent bits; mx.compile fuses the chain
+# into one kernel, ~6x faster than mx.exp (traced once per shape: the bit view has no shapeless form).
+# GPUs keep MLX's own kernels.
+EXP2_POLY = (0.99999999996, 0.69314720671, 0.24022651214, 0.055503272142, 0.0096180256029, 0.0013400432165, 0.00015469731979)
+
+
+def _arith_exp(x):
+    y = mx.clip(x * math.log2(math.e), -126.0, 126.0)
+    n = mx.round(y)
+    f = y - n
+    p = EXP2_POLY[-1]
+    for c in reversed(EXP2_POLY[:-1]):
+        p = p * f + c
+    return p * mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)
+
+
+_cpu_sigmoid = mx.compile(lambda x: 1 / (1 + _arith_exp(-x)))
+_cpu_silu = mx.compile(lambda x: x / (1 + _arith_exp(-x)))
+
+
+@mx.compile
+def _cpu_softmax(x):
+    e = _arith_exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _slow_exp(x):
+    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
+
+
+def sigmoid(x):
+    return _cpu_sigmoid(x) if _slow_exp(x) else mx.sigmoid(x)
+
+
+def silu(x):
+    return _cpu_silu(x) if _slow_exp(x) else nn.silu(x)
+
+
+def attention(q, k, v, scale, mask=None):
+    """softmax(q k^T * scale + mask) v for (B, H, L, d) queries and (B, H_kv, S, d) keys/values
+    (grouped heads: query head j reads key head j // (H / H_kv)). mx.fast's kernel, but on the CPU."""
+    if not _slow_exp(q):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, d = q.shape
+    q = q.reshape(B, k.shape[1], H // k.shape[1], L, d)  # group the query heads of each kv head
+    scores = (q * scale) @ k[:, :, None].swapaxes(-1, -2)
+    if mask is not None:
+        scores = scores + mask.reshape(scores.shape)
+    return (_cpu_softmax(scores) @ v[:, :, None]).reshape(B, H, L, d)
+
+
 # ---- Conformer encoder ----
 
 
@@ -231,7 +286,7 @@ class ConformerFeedForward(nn.Module):
         self.down_proj = nn.Linear(dim * args.feedforward_mult, dim)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.up_proj(self.pre_norm(x))))
+        return self.down_proj(silu(self.up_proj(self.pre_norm(x))))
 
 
 class ConformerAttention(nn.Module):
@@ -268,7 +323,7 @@ class ConformerAttention(nn.Module):
         bias = mx.where(real, bias, mx.finfo(bias.dtype).min)
 
         q, k, v = (a.reshape(B * n_blocks, H, C, -1) for a in (q, k, v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=bias.reshape(B * n_blocks, H, C, C))
+        out = attention(q, k, v, self.scale, mask=bias.reshape(B * n_blocks, H, C, C))
         out = out.reshape(B, n_blocks, H, C, -1).transpose(0, 1, 3, 2, 4).reshape(B, n_blocks * C, -1)
         return self.to_out(out[:, :T])
 
@@ -285,9 +340,9 @@ class ConformerConvModule(nn.Module):
         self.down_conv = nn.Linear(inner, dim)
 
     def __call__(self, x):  # (B, T, D) -> (B, T, D), over the whole utterance
-        h = nn.glu(self.up_conv(self.norm(x)), axis=-1)  # first half * sigmoid(second half)
-        h = self.depth_conv(mx.pad(h, [(0, 0), self.padding, (0, 0)]))
-        return self.down_conv(nn.silu(self.batch_norm(h)))
+        value, gate = mx.split(self.up_conv(self.norm(x)), 2, axis=-1)  # GLU over channels
+        h = self.depth_conv(mx.pad(value * sigmoid(gate), [(0, 0), self.padding, (0, 0)]))
+        return self.down_conv(silu(self.batch_norm(h)))
 
 
 class ConformerBlock(nn.Module):
@@ -360,7 +415,7 @@ class QFormerAttention(nn.Module):
         N, Lq, _ = query.shape
         heads = lambda a: a.reshape(N, a.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attention(q, k, v, self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(N, Lq, -1))
 
 
@@ -372,7 +427,7 @@ class QFormerMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, args.hidden_size, bias=args.mlp_bias)
 
     def __call__(self, x):
-        return self.fc2(nn.silu(self.fc1(x)))
+        return self.fc2(silu(self.fc1(x)))
 
 
 class QFormerLayer(nn.Module):
@@ -441,7 +496,7 @@ class EditorAttention(nn.Module):
         k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = self.rope(q), self.rope(k)  # positions 0..S-1 over [audio | text]
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)  # no mask: bidirectional
+        out = attention(q, k, v, self.scale)  # no mask: bidirectional
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
 
@@ -453,7 +508,7 @@ class EditorMLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class EditorLayer(nn.Module):
@@ -613,9 +668,9 @@ def sanitize(weights):
         for old, new in RENAMES:
             key = key.replace(old, new)
         if key.endswith(("up_conv.weight", "down_conv.weight")) and value.ndim == 3:
-            value = value[..., 0]  # (out, in, 1) -> Linear (out, in)
-        elif key.endswith("depth_conv.weight") and value.ndim == 3:
-            value = value.swapaxes(1, 2)  # (C, 1, K) -> MLX (C, K, 1)
+            value = value.reshape(value.shape[0], -1)  # (out, in, 1) -> Linear (out, in)
+        elif key.endswith("depth_conv.weight"):
+            value = value.reshape(value.shape[0], -1, 1)  # (C, 1, K) -> MLX (C, K, 1)
         out[key] = value
     return out
 
