@@ -307,10 +307,12 @@ class ConformerAttention(nn.Module):
         B, T, _ = x.shape
         C, H = self.context_size, self.num_heads
         n_blocks = -(-T // C)
-        h = mx.pad(self.pre_norm(x), [(0, 0), (0, n_blocks * C - T), (0, 0)])  # zero rows after the norm
+        h = self.pre_norm(x)
         q = self.to_q(h)
         k, v = mx.split(self.to_kv(h), 2, axis=-1)
-        # (B, n_blocks * C, H * d) -> (B, n_blocks, H, C, d)
+        # Upstream pads with zero rows after the norm; without biases they project to zeros, so pad here.
+        # (B, T, H * d) -> (B, n_blocks, H, C, d)
+        q, k, v = (mx.pad(a, [(0, 0), (0, n_blocks * C - T), (0, 0)]) for a in (q, k, v))
         q, k, v = (a.reshape(B, n_blocks, C, H, -1).transpose(0, 1, 3, 2, 4) for a in (q, k, v))
 
         # Shaw position term, scores[c, r] += scale * q_c . rel_pos_emb[c - r + max_pos_emb]
@@ -341,8 +343,17 @@ class ConformerConvModule(nn.Module):
 
     def __call__(self, x):  # (B, T, D) -> (B, T, D), over the whole utterance
         value, gate = mx.split(self.up_conv(self.norm(x)), 2, axis=-1)  # GLU over channels
-        h = self.depth_conv(mx.pad(value * sigmoid(gate), [(0, 0), self.padding, (0, 0)]))
+        h = _depthwise_conv(mx.pad(value * sigmoid(gate), [(0, 0), self.padding, (0, 0)]), self.depth_conv.weight)
         return self.down_conv(silu(self.batch_norm(h)))
+
+
+@mx.compile
+def _depthwise_conv(x, weight):
+    """(B, T + K - 1, C) * (C, K, 1) -> (B, T, C): K shifted multiply-adds, fused into one kernel
+    (4x faster than MLX's grouped conv1d on the CPU)."""
+    K = weight.shape[1]
+    T = x.shape[1] - K + 1
+    return sum(x[:, k : k + T] * weight[:, k, 0] for k in range(K))
 
 
 class ConformerBlock(nn.Module):
