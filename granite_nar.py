@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import json
 import math
+import os
 import sys
 import wave
 from dataclasses import MISSING, dataclass, fields
@@ -44,6 +45,7 @@ def _load_fast_blas():
 
 
 FAST_BLAS = _load_fast_blas()
+os.environ.setdefault("MLX_ENABLE_TF32", "0")  # float32 means float32 on GPUs too (bfloat16 is unaffected)
 
 import mlx.core as mx  # noqa: E402  (after the BLAS above, on purpose)
 import mlx.nn as nn  # noqa: E402
@@ -206,9 +208,14 @@ def log_mel(waveform):
     x = mx.array(waveform, dtype=mx.float32)
     if x.ndim != 1:
         raise ValueError(f"log_mel expects a mono waveform (n_samples,), got shape {x.shape}")
-    n_frames = 2 * (x.shape[0] // SAMPLES_PER_FRAME)  # STFT frames kept: an even count
-    if n_frames == 0:
+    if x.shape[0] < SAMPLES_PER_FRAME:
         raise ValueError(f"audio too short: {x.shape[0]} samples, at least {SAMPLES_PER_FRAME} needed")
+    return _log_mel(x)
+
+
+@mx.compile
+def _log_mel(x):
+    n_frames = 2 * (x.shape[0] // SAMPLES_PER_FRAME)  # STFT frames kept: an even count
     pad = N_FFT // 2  # center=True with reflect padding
     x = mx.concatenate([x[1 : pad + 1][::-1], x, x[-pad - 1 : -1][::-1]])
     frames = mx.as_strided(x, (n_frames, N_FFT), (HOP_LENGTH, 1))  # (2T, 512)
@@ -566,6 +573,11 @@ class GraniteNAR(nn.Module):
         self.encoder = ConformerEncoder(args.encoder)
         self.projector = QFormerProjector(args.projector)
         self.editor = GraniteEditor(args.editor)
+        # Each pass is traced once per input shape, then replayed without Python's per-op dispatch
+        # (most of a GPU run's time) and with its elementwise chains fused. The trace captures the
+        # weights: load them before the first call.
+        self._encode = mx.compile(self._encode_graph)
+        self._edit = mx.compile(self._edit_graph)
 
     @property
     def dtype(self):
@@ -573,7 +585,10 @@ class GraniteNAR(nn.Module):
 
     def encode(self, features):
         """(T, 160) -> BPE CTC logits (ceil(T / W), vocab), audio embeddings (T // downsample_rate, llm_dim)."""
-        hidden_states, bpe_logits = self.encoder(features[None].astype(self.dtype))
+        return self._encode(features.astype(self.dtype))
+
+    def _encode_graph(self, features):
+        hidden_states, bpe_logits = self.encoder(features[None])
         multilayer = mx.concatenate([hidden_states[i] for i in self.args.encoder_layer_indices], axis=-1)
         n_audio = features.shape[0] // self.args.projector.downsample_rate  # the projector's padded tail is dropped
         audio_embeds = self.projector(multilayer)[0, :n_audio]
@@ -584,8 +599,10 @@ class GraniteNAR(nn.Module):
     def edit(self, audio_embeds, hypothesis_ids):
         """(A, llm_dim), n token ids -> logits (max(2n + 1, min_edit_sequence_length), vocab) for the text slots."""
         slots = insert_slots(hypothesis_ids, self.args.blank_token_id, self.args.min_edit_sequence_length)
-        text_embeds = self.editor.embed_tokens(mx.array(slots, dtype=mx.int32))
-        inputs_embeds = mx.concatenate([audio_embeds.astype(text_embeds.dtype), text_embeds])[None]
+        return self._edit(audio_embeds.astype(self.dtype), mx.array(slots, dtype=mx.int32))
+
+    def _edit_graph(self, audio_embeds, slots):
+        inputs_embeds = mx.concatenate([audio_embeds, self.editor.embed_tokens(slots)])[None]
         hidden = self.editor(inputs_embeds)[:, audio_embeds.shape[0] :]  # the head runs on text rows only
         return self.editor.head(hidden)[0]
 
