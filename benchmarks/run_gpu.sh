@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU measurements in README.md, on the device machine after MLX's CUDA build is installed
+# into /tmp/site (../shared/tools/gpu-mlx-prepare.sh). mlx-audio comes as a wheel in .whl/.
+# Makes the full-size random checkpoint there, converts it to bf16 and 5-bit, and benchmarks both.
+set -euo pipefail
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+out=${OUT:-/tmp/bench_out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+[ -d /tmp/ckpt ] || python3 benchmarks/make_random_checkpoint.py --out /tmp/ckpt
+[ -d /tmp/bf16 ] || python3 convert.py --hf-path /tmp/ckpt --mlx-path /tmp/bf16
+[ -d /tmp/q5 ] || python3 convert.py --hf-path /tmp/ckpt --mlx-path /tmp/q5 -q
+for model in bf16 q5; do
+  python3 benchmarks/bench.py --model /tmp/$model --seconds 5 24.9 60 --reps 20 ${PEER:+--peer} 2>/dev/null | tee -a "$out/bench_gpu.jsonl"
+done
