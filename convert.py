@@ -22,30 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from granite_nar import GraniteNAR, ModelArgs, check_weights, read_config, sanitize
+from granite_nar import GraniteNAR, ModelArgs, check_weights, read_config, read_weights, sanitize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json")
-
-
-def read_upstream_weights(hf_path):
-    """All tensors of a checkpoint directory, single-file or sharded."""
-    index_file = hf_path / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{index_file}: not a safetensors index ({e})") from None
-    elif (hf_path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{hf_path}: no model.safetensors or model.safetensors.index.json")
-    weights = {}
-    for shard in shards:
-        try:
-            weights.update(mx.load(str(hf_path / shard)))
-        except Exception as e:  # mlx raises RuntimeError or ValueError for a missing or damaged file
-            raise ValueError(f"{hf_path / shard}: cannot read ({e})") from None
-    return weights
 
 
 def quantize(model, bits, group_size, scope):
@@ -79,7 +58,7 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
         raise FileNotFoundError(f"{hf_path / 'tokenizer.json'} not found: the transcript cannot be decoded without it")
     config = read_config(hf_path)
     model = GraniteNAR(ModelArgs.from_dict(config))
-    weights = sanitize(read_upstream_weights(hf_path))
+    weights = sanitize(read_weights(hf_path))
     check_weights(model, weights)
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}

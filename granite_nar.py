@@ -24,7 +24,9 @@ import ctypes.util
 import json
 import math
 import os
+import re
 import sys
+import warnings
 import wave
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -676,7 +678,8 @@ class Tokenizer:
 
 # ---- loading ----
 
-# Upstream checkpoint names -> ours, applied in order (original hub and transformers-native layouts)
+# Checkpoint names -> ours, applied in order: the original hub layout, the transformers-native one
+# (model.*, lm_head.*) and mlx-audio's (editor.*, conv.bn, MLX conv layouts) all load.
 RENAMES = (
     ("model.language_model.", "editor."),
     ("model.encoder.", "encoder."),
@@ -684,11 +687,12 @@ RENAMES = (
     ("language_model.model.", "editor."),
     ("projector.qformer.layers.", "projector.layers."),
     (".depth_conv.conv.", ".depth_conv."),
+    (".conv.bn.", ".conv.batch_norm."),
 )
 
 
 def sanitize(weights):
-    """Upstream PyTorch tensors -> this module's names and MLX layouts."""
+    """Checkpoint tensors -> this module's names and MLX layouts."""
     out = {}
     for key, value in weights.items():
         if key.endswith("num_batches_tracked") or key.endswith("lm_head.weight"):  # lm_head is tied
@@ -696,9 +700,9 @@ def sanitize(weights):
         for old, new in RENAMES:
             key = key.replace(old, new)
         if key.endswith(("up_conv.weight", "down_conv.weight")) and value.ndim == 3:
-            value = value.reshape(value.shape[0], -1)  # (out, in, 1) -> Linear (out, in)
+            value = value.reshape(value.shape[0], -1)  # (out, in, 1) or MLX (out, 1, in) -> Linear (out, in)
         elif key.endswith("depth_conv.weight"):
-            value = value.reshape(value.shape[0], -1, 1)  # (C, 1, K) -> MLX (C, K, 1)
+            value = value.reshape(value.shape[0], -1, 1)  # (C, 1, K) or MLX (C, K, 1) -> MLX (C, K, 1)
         out[key] = value
     return out
 
@@ -726,9 +730,34 @@ def read_config(path):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: expected a model directory")
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+    if config.get("model_type", "granite_speech_nar") != "granite_speech_nar":
+        raise ValueError(f"{config_file}: model_type is {config['model_type']!r}, expected 'granite_speech_nar'")
+    return config
+
+
+def read_weights(path):
+    """Every tensor of a model directory: model.safetensors, or shards (listed by an index or not)."""
+    path = Path(path)
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index_file}: not a safetensors index ({e})") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights")
+    weights = {}
+    for name in files:
+        try:
+            weights.update(mx.load(str(path / name)))
+        except Exception as e:  # mlx raises RuntimeError or ValueError for a missing or damaged file
+            raise ValueError(f"{path / name}: cannot read ({e})") from None
+    return weights
 
 
 def default_dtype():
@@ -736,22 +765,38 @@ def default_dtype():
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def load(path, dtype=None):
-    """Load a directory written by convert.py (quantized or not) -> (GraniteNAR, Tokenizer)."""
-    path = Path(path)
-    if not path.is_dir():
+DEFAULT_MODEL = "mlx-community/granite-speech-4.1-2b-nar-mlx-5bit"
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+
+
+def model_path(path_or_repo):
+    """A local directory, or a Hugging Face Hub repo id ("owner/name") downloaded once into the Hub cache."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return path
+    name = str(path_or_repo)
+    if path.exists() or name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise FileNotFoundError(f"model directory not found: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(
+            f"{name} is not a local directory; to download it from the Hugging Face Hub, pip install huggingface_hub "
+            f"(or fetch it by hand: huggingface-cli download {name} --local-dir DIR, then pass DIR)"
+        ) from None
+    return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+
+
+def load(path, dtype=None):
+    """Load a model -> (GraniteNAR, Tokenizer). `path`: a local directory or a Hub repo id holding a
+    convert.py output, an upstream checkpoint (converted in memory) or an mlx-audio conversion."""
+    path = model_path(path)
     config = read_config(path)
     model = GraniteNAR(ModelArgs.from_dict(config))
-    weights_file = path / "model.safetensors"
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} not found (convert a checkpoint with convert.py first)")
-    try:
-        weights = mx.load(str(weights_file))
-    except Exception as e:  # mlx raises RuntimeError or ValueError for a damaged file
-        raise ValueError(f"{weights_file}: cannot read ({e})") from None
+    weights = read_weights(path)
     if any(k.startswith(("language_model.", "model.")) for k in weights):
-        raise ValueError(f"{path} holds an upstream checkpoint: convert it with python convert.py --hf-path {path}")
+        warnings.warn(f"{path} is an upstream checkpoint, converted at every load: python convert.py makes loading faster")
+    weights = sanitize(weights)
     quantization = config.get("quantization")
     stored_quantized = any(k.endswith(".scales") for k in weights)
     if bool(quantization) != stored_quantized:
@@ -759,7 +804,8 @@ def load(path, dtype=None):
         raise ValueError(f"{path}: config.json quantization is {quantization}, but the tensors are {found}")
     if quantization:  # rebuild exactly the layers stored quantized, then their shapes must match the bits
         is_quantized = lambda p, m: f"{p}.scales" in weights  # noqa: E731
-        nn.quantize(model, quantization["group_size"], quantization["bits"], class_predicate=is_quantized)
+        q = quantization
+        nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"), class_predicate=is_quantized)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     model.set_dtype(dtype or default_dtype())
@@ -792,7 +838,11 @@ def main():
         description="Transcribe 16 kHz WAV files with Granite Speech 4.1 NAR (MLX). Prints one transcript per file."
     )
     parser.add_argument("audio", nargs="+", help="WAV files (16 kHz; stereo is averaged)")
-    parser.add_argument("--model", required=True, help="directory written by convert.py")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model directory (convert.py output, upstream checkpoint or mlx-audio conversion) or Hub repo id (default: {DEFAULT_MODEL})",
+    )
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32 on CPU, bfloat16 on GPU)"
     )
@@ -801,7 +851,7 @@ def main():
         print("note: OpenBLAS not found, CPU matmuls will be slow (apt-get install libopenblas0-pthread)", file=sys.stderr)
     try:
         model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     failed = 0
     for path in args.audio:

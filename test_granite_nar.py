@@ -20,6 +20,9 @@ import pytest
 import granite_nar as g
 from convert import convert
 
+sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
+
 HERE = Path(__file__).parent
 FIXTURE = HERE / "tests" / "fixtures" / "dev"
 CHECKPOINT = FIXTURE / "checkpoint"
@@ -354,8 +357,15 @@ def test_convert_rejects_bad_inputs(tmp_path):
 def test_load_rejects_bad_directories(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         g.load(tmp_path / "missing")
-    with pytest.raises(ValueError, match="upstream checkpoint"):
-        g.load(_upstream_copy(tmp_path))
+    (tmp_path / "empty").mkdir()
+    shutil.copy(model_dir / "config.json", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        g.load(tmp_path / "empty")
+    whisper = tmp_path / "whisper"
+    shutil.copytree(model_dir, whisper)
+    (whisper / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    with pytest.raises(ValueError, match="model_type is 'whisper'"):
+        g.load(whisper)
     mismatched = tmp_path / "mismatched"
     shutil.copytree(model_dir, mismatched)
     config = json.loads((mismatched / "config.json").read_text())
@@ -487,3 +497,63 @@ def test_quantization_errors(quantized, tmp_path):
     (wrong_bits / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="tensors are quantized"):
         g.load(wrong_bits)
+
+
+# ---- other layouts and the Hub ----
+
+
+def test_load_upstream_and_mlx_audio_layouts(model_dir, tmp_path):
+    golden = json.loads((FIXTURE / "golden.json").read_text())["decoded_text"]
+    features = g.log_mel(g.load_audio(FIXTURE / "audio.wav"))
+    reference = g.load(model_dir)[0].encode(features)
+    with pytest.warns(UserWarning, match="upstream checkpoint"):
+        upstream = g.load(CHECKPOINT)  # sharded bf16, original hub names, converted in memory
+    to_mlx_audio_dir(model_dir, tmp_path / "mlx_audio")
+    mlx_audio = g.load(tmp_path / "mlx_audio")
+    for model, tokenizer in (upstream, mlx_audio):
+        assert g.transcribe(model, tokenizer, FIXTURE / "audio.wav") == golden
+        for ours, ref in zip(model.encode(features), reference):
+            np.testing.assert_array_equal(np.array(ours), np.array(ref))
+
+
+def test_load_mlx_audio_quantized_layout(quantized, tmp_path):
+    bits, q_dir = quantized
+    to_mlx_audio_dir(q_dir, tmp_path / "mlx_audio_q")
+    config = json.loads((tmp_path / "mlx_audio_q" / "config.json").read_text())
+    assert config["quantization"] == config["quantization_config"] == {"group_size": Q_GROUP, "bits": bits, "mode": "affine"}
+    ours, theirs = g.load(q_dir)[0], g.load(tmp_path / "mlx_audio_q")[0]
+    assert isinstance(theirs.editor.embed_tokens, nn.QuantizedEmbedding)
+    audio_embeds, hypothesis = mx.random.normal((7, 96)), [5, 9, 5, 300]
+    np.testing.assert_array_equal(np.array(theirs.edit(audio_embeds, hypothesis)), np.array(ours.edit(audio_embeds, hypothesis)))
+
+
+def test_load_hub_repo_id(model_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):  # the download, mocked at its boundary
+        calls.append((repo_id, allow_patterns))
+        local = tmp_path / "hub" / repo_id.replace("/", "--")
+        shutil.copytree(model_dir, local)
+        return str(local)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", type(sys)("huggingface_hub"))
+    monkeypatch.setattr(sys.modules["huggingface_hub"], "snapshot_download", snapshot_download, raising=False)
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = g.load("someone/granite-nar-test")
+    assert calls == [("someone/granite-nar-test", g.HUB_FILES)]
+    assert "*.safetensors" in g.HUB_FILES and "*.json" in g.HUB_FILES
+    golden = json.loads((FIXTURE / "golden_short.json").read_text())["decoded_text"]
+    assert g.transcribe(model, tokenizer, FIXTURE / "audio_short.wav") == golden
+    for local_looking in ("./someone/model", "/no/such/dir", "nested/too/deep", "plain-name"):
+        with pytest.raises(FileNotFoundError, match="model directory not found"):
+            g.load(local_looking)
+    assert len(calls) == 1  # a local path is never looked up on the Hub
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+        g.load("someone/other-model")
+
+
+def test_cli_default_model_is_the_5bit_conversion():
+    result = _run("granite_nar.py", "--help")
+    assert result.returncode == 0 and g.DEFAULT_MODEL in "".join(result.stdout.split())  # help wraps lines
+    assert g.DEFAULT_MODEL == "mlx-community/granite-speech-4.1-2b-nar-mlx-5bit"

@@ -21,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import granite_nar as g  # noqa: E402  (loads OpenBLAS before MLX)
+from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -74,24 +75,6 @@ def ours_stages(model, tokenizer, waveform, hypothesis):
         tokenizer.decode(g.ctc_collapse(mx.argmax(text_logits, axis=-1), blank))
         done("decode")
     return seconds
-
-
-def to_mlx_audio_dir(model_dir, out, dtype):
-    """Our converted directory -> mlx-audio's layout: conv.bn, qformer.layers, (out, 1, in) pointwise convs."""
-    weights = {}
-    for key, value in mx.load(str(model_dir / "model.safetensors")).items():
-        key = key.replace(".conv.batch_norm.", ".conv.bn.").replace("projector.layers.", "projector.qformer.layers.")
-        if key.endswith(("up_conv.weight", "down_conv.weight")) and value.dtype != mx.uint32:
-            value = value[:, None, :]
-        weights[key] = value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
-    mx.save_safetensors(str(out / "model.safetensors"), weights)
-    config = json.loads((model_dir / "config.json").read_text())
-    if "quantization" in config:
-        q = {"group_size": config["quantization"]["group_size"], "bits": config["quantization"]["bits"], "mode": "affine"}
-        config["quantization"] = config["quantization_config"] = q
-    (out / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (out / name).write_bytes((model_dir / name).read_bytes())
 
 
 def peer(model, waveform, hypothesis):
