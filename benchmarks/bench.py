@@ -8,6 +8,8 @@ hypothesis length arbitrary, so it is computed (as in transcribe) and then repla
 tokens (default round(2.8 x seconds), about the real model's rate). Per-stage seconds come from a
 separate pass that evaluates after every stage.
 
+peak_mem_gb is the process's: with --peer it includes mlx-audio's copy of the weights.
+
 --peer also runs mlx-audio (pip install mlx-audio in a separate environment; it is not a
 dependency of this project), converted to its layout in a temporary directory and cast to the
 same dtype; it gets the same fixed hypothesis.
@@ -119,11 +121,13 @@ def main():
     args = parser.parse_args()
 
     model, tokenizer = g.load(args.model, getattr(mx, args.dtype) if args.dtype else None)
+    weights_gb = round(mx.get_active_memory() / 1e9, 3)  # peak_mem_gb - weights_gb = activations (without --peer)
     quantization = json.loads((args.model / "config.json").read_text()).get("quantization")
     common = {
         "backend": "gpu" if mx.default_device() == mx.gpu else "cpu",
         "dtype": str(model.dtype).split(".")[-1],
         "bits": quantization["bits"] if quantization else None,
+        "weights_gb": weights_gb,
     }
     if args.peer:
         from mlx_audio.stt import load as peer_load

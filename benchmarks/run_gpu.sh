@@ -11,6 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 [ -d /tmp/ckpt ] || python3 benchmarks/make_random_checkpoint.py --out /tmp/ckpt
 [ -d /tmp/bf16 ] || python3 convert.py --hf-path /tmp/ckpt --mlx-path /tmp/bf16
 [ -d /tmp/q5 ] || python3 convert.py --hf-path /tmp/ckpt --mlx-path /tmp/q5 -q
+python3 benchmarks/bench.py --model /tmp/bf16 --seconds 5 24.9 60 --reps 5 2>/dev/null | tee "$out/bench_gpu_memory.jsonl"
 for model in bf16 q5; do
   python3 benchmarks/bench.py --model /tmp/$model --seconds 5 24.9 60 --reps 20 ${PEER:+--peer} 2>/dev/null | tee -a "$out/bench_gpu.jsonl"
 done
