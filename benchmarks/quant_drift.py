@@ -13,11 +13,12 @@ On random weights the editor's outputs are arbitrary: these numbers measure the 
 that quantizing the weights causes, not word error rate.
 
 Method, on float32 compute: the model is loaded once; the audio embeddings are computed once from
-benchmarks/bench.py's synthetic audio (GraniteNAR._encode_graph: encode() without its compiled trace), and the hypothesis is K fixed tokens (as in bench.py). For each
-setting, every editor Linear and the tied embedding (what convert.quantize(..., scope="editor")
-quantizes) is replaced by mx.dequantize(*mx.quantize(W_bf16)) with bf16 scales and biases, as
-convert.py stores them, upcast to float32; test_granite_nar.py proves the quantized editor equals
-this float editor to float32 noise, and on the CPU it is ~40x faster than MLX's quantized matmul.
+benchmarks/bench.py's synthetic audio (GraniteNAR._encode_graph: encode() without its compiled
+trace), and the hypothesis is K fixed tokens (as in bench.py). For each setting, every editor Linear
+and the tied embedding (what convert.quantize(..., scope="editor") quantizes) is replaced by
+mx.dequantize(*mx.quantize(W_bf16)) with bf16 scales and biases, as convert.py stores them, upcast
+to float32; test_granite_nar.py proves the quantized editor equals this float editor to float32
+noise, and on the CPU it is ~40x faster than MLX's quantized matmul.
 Every run, the reference included, goes through the uncompiled GraniteNAR._edit_graph (the compiled
 edit() captures the weights of its first trace).
 
@@ -54,6 +55,8 @@ from benchmarks.bench import synthetic_audio  # noqa: E402
 from convert import quantize  # noqa: E402
 
 FLOAT_BYTES = 2  # convert.py keeps the checkpoint's bf16
+# MLX's CPU dequantize builds temporaries of ~6x its float32 output at 5 and 6 bits (5 GB for the embedding)
+CHUNK = 1 << 23
 
 
 def log(msg):
@@ -148,11 +151,22 @@ def quantize_all(originals, bits, group_size):
 
 
 def dequantized(packed, bits, group_size):
-    """p -> the lazy float32 matrix the quantized layer computes with (scales and biases upcast)."""
+    """p -> the float32 matrix the quantized layer computes with (scales and biases upcast): lazy, except a
+    matrix over CHUNK elements (the embedding), which is materialized CHUNK elements at a time."""
 
     def weight_of(p):
         wq, scales, biases = packed[p]
-        return mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits)
+        rows = max(1, CHUNK // (wq.shape[1] * 32 // bits))
+        part = lambda i: mx.dequantize(  # noqa: E731  (row blocks: dequantize is elementwise, so bit-identical)
+            wq[i : i + rows], scales[i : i + rows].astype(mx.float32), biases[i : i + rows].astype(mx.float32), group_size, bits
+        )
+        if wq.shape[0] <= rows:
+            return part(0)
+        parts = []
+        for i in range(0, wq.shape[0], rows):
+            parts.append(part(i))
+            mx.eval(parts[-1])
+        return mx.concatenate(parts)
 
     return weight_of
 
