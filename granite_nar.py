@@ -234,7 +234,8 @@ def _open_audio(path):
 def _audio_blocks(audio, sample_rate=None):
     """A file or an array -> float32 mono 16 kHz blocks; files are read READ_SECONDS at a time."""
     if not isinstance(audio, (str, Path)):
-        x = np.asarray(audio, dtype=np.float32)
+        x = np.asarray(audio)  # integer PCM (int16 from scipy.io.wavfile, ...) is scaled to [-1, 1) as files are
+        x = (x / -np.iinfo(x.dtype).min if x.dtype.kind == "i" else x).astype(np.float32, copy=False)
         if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] > x.shape[0]):
             raise ValueError(f"expected a mono waveform (n_samples,) or (n_samples, channels), got shape {x.shape}")
         rate = SAMPLE_RATE if sample_rate is None else sample_rate
@@ -264,8 +265,8 @@ def _audio_blocks(audio, sample_rate=None):
 
 
 def load_audio(audio, sample_rate=None):
-    """A file, or a waveform (n_samples,) or (n_samples, channels) at sample_rate Hz (default 16000) ->
-    float32 mono 16 kHz. Files: any format the installed libsndfile reads (WAV, FLAC, OGG/Opus, MP3,
+    """A file, or a waveform (n_samples,) or (n_samples, channels) at sample_rate Hz (default 16000; float, or
+    integer PCM) -> float32 mono 16 kHz. Files: any format the installed libsndfile reads (WAV, FLAC, OGG/Opus, MP3,
     AIFF, ...: soundfile.available_formats()). Channels are averaged, other rates resampled."""
     return np.concatenate(list(_audio_blocks(audio, sample_rate)))
 

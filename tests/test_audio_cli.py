@@ -126,6 +126,8 @@ def test_arrays_with_rate_and_channels():
     assert len(g.load_audio(_sine(440, 22050, 1.0), sample_rate=22050)) == SR
     waveform = np.random.default_rng(1).standard_normal(SR).astype(np.float32)
     assert np.array_equal(g.load_audio(waveform), waveform)  # 16 kHz mono passes untouched
+    pcm, _ = sf.read(AUDIO, dtype="int16")  # integer PCM is scaled as a file's samples are
+    assert np.array_equal(g.load_audio(pcm), g.load_audio(AUDIO))
 
 
 def test_errors_name_the_problem(tmp_path):
