@@ -10,9 +10,12 @@ The model (ibm-granite/granite-speech-4.1-2b-nar) transcribes in two non-autoreg
 The editor reads the hypothesis with a blank slot around every token and rewrites all slots at
 once, so a transcript costs one encoder pass and one editor pass, whatever its length.
 
+Audio of any length, rate and channel count is read in blocks, mixed to mono, resampled to 16 kHz and
+cut into windows of about 30 s at quiet points; each window is transcribed on its own.
+
 Usage:
     python convert.py --hf-path ibm-granite/checkpoint-dir --mlx-path granite_nar_mlx
-    python granite_nar.py audio.wav --model granite_nar_mlx
+    python granite_nar.py meeting.mp3 calls/ --model granite_nar_mlx   (--help for the options)
 
 Reference: the upstream PyTorch implementation (transformers `granite_speech_nar`); every stage
 here is checked against its outputs in test_granite_nar.py.
@@ -21,13 +24,15 @@ here is checked against its outputs in test_granite_nar.py.
 import argparse
 import ctypes
 import ctypes.util
+import itertools
 import json
 import math
 import os
 import re
 import sys
+import time
 import warnings
-import wave
+from collections import Counter
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -52,6 +57,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")  # float32 means float32 on GPUs t
 import mlx.core as mx  # noqa: E402  (after the BLAS above, on purpose)
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 SAMPLE_RATE = 16000
@@ -61,6 +67,17 @@ HOP_LENGTH = 160  # 10 ms: 100 STFT frames/s, stacked in pairs to 50 encoder fra
 N_MELS = 80
 SAMPLES_PER_FRAME = 2 * HOP_LENGTH  # one encoder frame = 320 samples = 20 ms
 LOG_MEL_RANGE = 8.0  # log10 values are clamped to 8 below the utterance's maximum
+
+# Audio input
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".caf", ".w64", ".rf64")
+READ_SECONDS = 10  # files are read, mixed and resampled this much at a time: memory does not grow with length
+RESAMPLE_PASSBAND, RESAMPLE_STOPBAND = 0.45, 0.5  # of the lower rate: 7.2 and 8 kHz when downsampling
+RESAMPLE_ATTENUATION_DB = 80.0
+RESAMPLE_GROUP = 256  # outputs per matrix product: bounds the matrices for rates with no small ratio to 16 kHz
+MIN_SECONDS = 0.1  # shorter audio (or window) transcribes to ""
+SILENCE_PEAK = 1e-4  # -80 dBFS, ~3 LSB of 16-bit audio: a window whose peak is below is silence, ""
+CHUNK_SECONDS = 30.0  # windows of about this length; one pass over minutes of audio degrades badly
+CUT_SEARCH_SECONDS = 5.0  # each cut goes to the quietest 20 ms within this much of the nominal window end
 
 
 # ---- config ----
@@ -155,32 +172,135 @@ class ModelArgs:
         )
 
 
-# ---- featurizer ----
+# ---- audio input ----
 
 
-def load_audio(path):
-    """Read a PCM WAV file as float32 mono at 16 kHz (channels averaged)."""
-    path = Path(path)
+class Resampler:
+    """Polyphase windowed-sinc resampler, `rate` -> 16 kHz at the exact rational ratio, fed block by block.
+    Output n interpolates the input at time n * rate / 16000 (output 0 on input 0) with 2 fc sinc(2 fc t) times
+    a Kaiser window (beta 7.86), each phase at unit DC gain. With f = min(rate, 16000): passband to 0.45 f
+    (ripple < 0.01 dB), fc = 0.475 f, stopband from 0.5 f (8 kHz when downsampling) attenuated >= 80 dB."""
+
+    def __init__(self, rate):
+        g = math.gcd(rate, SAMPLE_RATE)
+        low, up, down = min(rate, SAMPLE_RATE), SAMPLE_RATE // g, rate // g  # `up` outputs per `down` inputs
+        transition = (RESAMPLE_STOPBAND - RESAMPLE_PASSBAND) * 2 * math.pi
+        half = math.ceil((RESAMPLE_ATTENUATION_DB - 7.95) / (2.285 * transition) / 2 * rate / low)  # taps a side
+        periods = -(-2 * half // down)  # periods per product row: a row spans at least the filter
+        self.up, self.down, self.half = up * periods, down * periods, half
+        n = np.arange(self.up)
+        first = n * down // up  # output n reads padded inputs first .. first + 2 half - 1
+        t = (n * down % up / up + half - 1)[:, None] - np.arange(2 * half)  # (up, 2 half): output - input time
+        fc, beta = (RESAMPLE_PASSBAND + RESAMPLE_STOPBAND) / 2 * low / rate, 0.1102 * (RESAMPLE_ATTENUATION_DB - 8.7)
+        taps = 2 * fc * np.sinc(2 * fc * t) * np.i0(beta * np.sqrt(np.maximum(0.0, 1 - (t / half) ** 2)))
+        taps /= taps.sum(axis=1, keepdims=True)
+        self.groups = []  # (first column, first input, band): periods @ band = those columns' outputs
+        for col in range(0, self.up, RESAMPLE_GROUP):
+            starts = first[col : col + RESAMPLE_GROUP] - first[col]
+            band = np.zeros((starts[-1] + 2 * half, len(starts)), np.float32)
+            for j, (s, phase) in enumerate(zip(starts, taps[col : col + RESAMPLE_GROUP])):
+                band[s : s + 2 * half, j] = phase
+            self.groups.append((col, first[col], band))
+        self.span = first[-1] + 2 * half  # padded inputs one period reads
+        self.pending = np.zeros(half - 1, np.float32)  # left zero padding, then the inputs not yet consumed
+        self.n_in = self.n_out = 0
+
+    def __call__(self, x, last=False):
+        """(n,) float32 -> the 16 kHz samples it completes; last=True flushes the rest."""
+        self.n_in += len(x)
+        x = np.concatenate([self.pending, x, np.zeros(self.half + self.down if last else 0, np.float32)])
+        n_periods = max(0, (len(x) - self.span) // self.down + 1)
+        out = np.empty((n_periods, self.up), np.float32)
+        step = x.strides[0]
+        for col, start, band in self.groups:  # rows: the (overlapping) stretches of input each period reads
+            rows = np.lib.stride_tricks.as_strided(x[start:], (n_periods, len(band)), (self.down * step, step))
+            out[:, col : col + band.shape[1]] = np.ascontiguousarray(rows) @ band
+        self.pending = x[n_periods * self.down :]
+        out = out.reshape(-1)[: -(-self.n_in * self.up // self.down) - self.n_out if last else None]
+        self.n_out += len(out)
+        return out
+
+
+def _open_audio(path):
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
-        with wave.open(str(path), "rb") as f:
-            rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
-            data = f.readframes(f.getnframes())
-    except (wave.Error, EOFError) as e:
-        raise ValueError(f"{path}: not a readable PCM WAV file ({e})") from None
-    if rate != SAMPLE_RATE:
+        return sf.SoundFile(str(path))
+    except sf.LibsndfileError as e:
         raise ValueError(
-            f"{path}: sample rate is {rate} Hz, the model needs {SAMPLE_RATE} Hz "
-            f"(convert with: sox {path} -r {SAMPLE_RATE} out.wav)"
-        )
-    dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
-    if width not in dtypes:
-        raise ValueError(f"{path}: {8 * width}-bit PCM is not supported (8, 16 or 32-bit)")
-    samples = np.frombuffer(data, dtypes[width]).reshape(-1, channels).astype(np.float32)
-    if width == 1:
-        samples -= 128.0
-    return samples.mean(axis=1) / float(2 ** (8 * width - 1))
+            f"{path}: cannot read {path.suffix or 'this'} audio ({e.error_string}); libsndfile {sf.__libsndfile_version__} "
+            f"reads {', '.join(sorted(sf.available_formats()))} (convert others: ffmpeg -i {path} {path.stem}.wav)"
+        ) from None
+
+
+def _audio_blocks(audio, sample_rate=None):
+    """A file or an array -> float32 mono 16 kHz blocks; files are read READ_SECONDS at a time."""
+    if not isinstance(audio, (str, Path)):
+        x = np.asarray(audio)  # integer PCM (int16 from scipy.io.wavfile, ...) is scaled to [-1, 1) as files are
+        x = (x / -np.iinfo(x.dtype).min if x.dtype.kind == "i" else x).astype(np.float32, copy=False)
+        if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] > x.shape[0]):
+            raise ValueError(f"expected a mono waveform (n_samples,) or (n_samples, channels), got shape {x.shape}")
+        rate = SAMPLE_RATE if sample_rate is None else sample_rate
+        if rate != int(rate) or rate <= 0:
+            raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate}")
+        if x.size == 0 or not np.isfinite(x).all():
+            raise ValueError("audio is empty (0 samples)" if x.size == 0 else "waveform contains NaN or infinite samples")
+        mono = x.mean(axis=1) if x.ndim == 2 else x
+        yield Resampler(int(rate))(mono, last=True) if rate != SAMPLE_RATE else mono
+        return
+    if sample_rate is not None:
+        raise ValueError(f"{audio}: sample_rate is for arrays; a file's rate is read from the file")
+    with _open_audio(Path(audio)) as f:
+        resample = Resampler(f.samplerate) if f.samplerate != SAMPLE_RATE else None
+        size, n_read, last = READ_SECONDS * f.samplerate, 0, False
+        while not last:
+            try:
+                block = f.read(size, dtype="float32", always_2d=True)  # PCM16 reads as exactly x / 32768
+            except sf.LibsndfileError as e:
+                raise ValueError(f"{audio}: unreadable after {n_read / f.samplerate:.1f} s ({e.error_string})") from None
+            if not np.isfinite(block).all():
+                raise ValueError(f"{audio}: NaN or infinite samples after {n_read / f.samplerate:.1f} s")
+            n_read, last = n_read + len(block), len(block) < size
+            if n_read == 0:
+                raise ValueError(f"{audio}: audio is empty (0 samples in a {f.format} file)")
+            yield resample(block.mean(axis=1), last) if resample else block.mean(axis=1)
+
+
+def load_audio(audio, sample_rate=None):
+    """A file, or a waveform (n_samples,) or (n_samples, channels) at sample_rate Hz (default 16000; float, or
+    integer PCM) -> float32 mono 16 kHz. Files: any format the installed libsndfile reads (WAV, FLAC, OGG/Opus, MP3,
+    AIFF, ...: soundfile.available_formats()). Channels are averaged, other rates resampled."""
+    return np.concatenate(list(_audio_blocks(audio, sample_rate)))
+
+
+def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
+    """Cut a stream of 16 kHz blocks into consecutive windows, holding at most one window and its margin.
+
+    Audio up to chunk_seconds is one window. Longer, each window ends at the middle of the quietest 20 ms
+    frame (least energy; on ties the nearest to the nominal end) within CUT_SEARCH_SECONDS (at most a
+    quarter window) of chunk_seconds after its start, so words are rarely cut. Every sample is in exactly
+    one window, and every window has at least one encoder frame.
+    """
+    if not chunk_seconds >= 1:
+        raise ValueError(f"chunk_seconds must be at least 1, got {chunk_seconds}")
+    chunk = round(chunk_seconds * SAMPLE_RATE)
+    radius, frame = min(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), chunk // 4), SAMPLES_PER_FRAME
+    buffer = np.zeros(0, np.float32)
+    for block in itertools.chain(blocks, [None]):  # None: the end
+        buffer = buffer if block is None else np.concatenate([buffer, block])
+        # cut once the whole search range and a frame after it are here; at the end, while over a window
+        while len(buffer) >= chunk + radius + frame or (block is None and len(buffer) > chunk):
+            cuts = np.arange(chunk - radius, min(chunk + radius, len(buffer) - frame) + 1, frame)
+            frames = buffer[cuts[0] - frame // 2 : cuts[-1] + frame // 2].reshape(len(cuts), frame)
+            energy = np.square(frames, dtype=np.float64).sum(axis=1)
+            cut = cuts[np.lexsort((np.abs(cuts - chunk), energy))[0]]
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    if len(buffer):
+        yield buffer
+
+
+# ---- featurizer ----
 
 
 def _mel_filterbank():
@@ -568,6 +688,22 @@ class GraniteEditor(nn.Module):
 # ---- the model ----
 
 
+class LatestShapeCompiled:
+    """mx.compile(fun) keeping only the latest input shapes' trace. A pass is traced for its shapes, then
+    replayed without Python's per-op dispatch (most of a GPU run's time) with elementwise chains fused.
+    mx.compile keeps every shape's trace while the function lives, and each window of long audio brings a
+    new shape; dropping the function erases them. The trace captures the weights: load them first."""
+
+    def __init__(self, fun):
+        self.fun, self.shapes, self.compiled = fun, None, None
+
+    def __call__(self, *inputs):
+        shapes = [a.shape for a in inputs]
+        if shapes != self.shapes:
+            self.shapes, self.compiled = shapes, mx.compile(self.fun)
+        return self.compiled(*inputs)
+
+
 class GraniteNAR(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -575,11 +711,8 @@ class GraniteNAR(nn.Module):
         self.encoder = ConformerEncoder(args.encoder)
         self.projector = QFormerProjector(args.projector)
         self.editor = GraniteEditor(args.editor)
-        # Each pass is traced once per input shape, then replayed without Python's per-op dispatch
-        # (most of a GPU run's time) and with its elementwise chains fused. The trace captures the
-        # weights: load them before the first call.
-        self._encode = mx.compile(self._encode_graph)
-        self._edit = mx.compile(self._edit_graph)
+        self._encode = LatestShapeCompiled(self._encode_graph)
+        self._edit = LatestShapeCompiled(self._edit_graph)
 
     @property
     def dtype(self):
@@ -817,49 +950,147 @@ def load(path, dtype=None):
 # ---- transcription ----
 
 
-def transcribe(model, tokenizer, audio):
-    """audio: a WAV path or a float32 16 kHz mono waveform -> transcript."""
-    waveform = load_audio(audio) if isinstance(audio, (str, Path)) else np.asarray(audio, dtype=np.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"expected a mono waveform (n_samples,), got shape {waveform.shape}")
-    if not np.isfinite(waveform).all():
-        raise ValueError("waveform contains NaN or infinite samples")
-    if waveform.shape[0] < SAMPLES_PER_FRAME:  # not one 20 ms encoder frame
+def _transcribe_window(model, tokenizer, waveform, editing_steps, timings):
+    """(n_samples,) 16 kHz -> text. The first editor pass reads the encoder's hypothesis, each further one the
+    previous pass's CTC-collapsed output, over the same audio embeddings (upstream generate(num_editing_steps))."""
+    if len(waveform) < MIN_SECONDS * SAMPLE_RATE or np.abs(waveform).max() < SILENCE_PEAK:
         return ""
     blank = model.args.blank_token_id
+    start = time.perf_counter()
     bpe_logits, audio_embeds = model.encode(log_mel(waveform))
-    hypothesis = ctc_collapse(mx.argmax(bpe_logits, axis=-1), blank)
-    text_logits = model.edit(audio_embeds, hypothesis)
-    return tokenizer.decode(ctc_collapse(mx.argmax(text_logits, axis=-1), blank))
+    ids = ctc_collapse(mx.argmax(bpe_logits, axis=-1), blank)  # waits for the encoder
+    encoded = time.perf_counter()
+    for _ in range(editing_steps):
+        ids = ctc_collapse(mx.argmax(model.edit(audio_embeds, ids), axis=-1), blank)
+    timings["encode"] += encoded - start
+    timings["edit"] += time.perf_counter() - encoded
+    return tokenizer.decode(ids)
+
+
+def transcribe_windows(model, tokenizer, audio, sample_rate=None, chunk_seconds=CHUNK_SECONDS, editing_steps=1, timings=None):
+    """Yield (seconds, text) per window of `audio` (see transcribe), reading the audio as it goes; adds
+    the seconds spent in the encoder and in the editor to `timings`."""
+    if editing_steps < 1:
+        raise ValueError(f"editing_steps must be at least 1, got {editing_steps}")
+    timings = Counter() if timings is None else timings
+    for window in split_windows(_audio_blocks(audio, sample_rate), chunk_seconds):
+        yield len(window) / SAMPLE_RATE, _transcribe_window(model, tokenizer, window, editing_steps, timings)
+
+
+def join_windows(texts):
+    """One window's text as it is; several windows' texts stripped and joined by single spaces."""
+    return texts[0] if len(texts) == 1 else " ".join(t.strip() for t in texts if t.strip())
+
+
+def transcribe(model, tokenizer, audio, sample_rate=None, chunk_seconds=CHUNK_SECONDS, editing_steps=1):
+    """audio: a file path, or a waveform (n_samples,) or (n_samples, channels) at sample_rate Hz
+    (default 16000) -> transcript. Longer than chunk_seconds, it is transcribed in windows cut at
+    quiet points (split_windows). Audio under 0.1 s, or silent, gives ""."""
+    windows = transcribe_windows(model, tokenizer, audio, sample_rate, chunk_seconds, editing_steps)
+    return join_windows([text for _, text in windows])
+
+
+# ---- command line ----
+
+EXAMPLES = """examples:
+  python granite_nar.py meeting.mp3 --model granite_nar_mlx
+  python granite_nar.py calls/ --model granite_nar_mlx --output-format json --output-dir transcripts/
+  python granite_nar.py talk.flac --model granite_nar_mlx --chunk-seconds 20 --editing-steps 2 --verbose
+
+Reads WAV, FLAC, OGG/Opus, MP3, AIFF, ... (what the installed libsndfile reads) at any sample rate and
+channel count. Audio longer than --chunk-seconds is read as it goes and transcribed in windows, each cut
+moved to the quietest 20 ms within 5 s (windows over ~4 minutes outgrow the editor's 4096 positions).
+Exit status: 0 if every file was transcribed, 1 if any failed (each failure is reported on stderr)."""
+COLUMNS = ("file", "text", "audio_seconds", "processing_seconds", "real_time_factor")  # json keys, tsv columns
+SUFFIXES = {"text": ".txt", "json": ".json", "tsv": ".tsv"}
+
+
+def _transcribe_file(model, tokenizer, path, args):
+    """One file -> its record (COLUMNS); progress and stage timings on stderr."""
+    start, timings, texts, seconds = time.perf_counter(), Counter(), [], 0.0
+    with _open_audio(path) as f:
+        duration = f.frames / f.samplerate
+    progress, tty = not args.quiet and duration > args.chunk_seconds, sys.stderr.isatty()
+    windows = transcribe_windows(model, tokenizer, path, None, args.chunk_seconds, args.editing_steps, timings)
+    for window_seconds, text in windows:
+        texts.append(text)
+        seconds += window_seconds
+        if progress:  # one line, rewritten in a terminal
+            print(f"{path}: {seconds:.0f} of {duration:.0f} s", end="\r" if tty else "\n", file=sys.stderr, flush=True)
+    if progress and tty:
+        print(file=sys.stderr)
+    elapsed = time.perf_counter() - start
+    if args.verbose:
+        timings["audio and decoding"] = elapsed - sum(timings.values())
+        stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in timings.items())
+        print(f"{path}: {len(texts)} window(s); {stages}; total {elapsed:.2f} s", file=sys.stderr)
+    values = (str(path), join_windows(texts), round(seconds, 3), round(elapsed, 3), round(elapsed / seconds, 4))
+    return dict(zip(COLUMNS, values))
+
+
+def _format(record, output_format):
+    if output_format == "json":
+        return json.dumps(record, ensure_ascii=False)
+    if output_format == "tsv":  # tabs and line breaks inside a field become spaces
+        return "\t".join(" ".join(str(record[c]).splitlines()).replace("\t", " ") for c in COLUMNS)
+    return record["text"]
 
 
 def main():
     parser = argparse.ArgumentParser(
-        description="Transcribe 16 kHz WAV files with Granite Speech 4.1 NAR (MLX). Prints one transcript per file."
+        description="Transcribe speech with Granite Speech 4.1 2B NAR (MLX): one transcript per audio file.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("audio", nargs="+", help="WAV files (16 kHz; stereo is averaged)")
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"model directory (convert.py output, upstream checkpoint or mlx-audio conversion) or Hub repo id (default: {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32 on CPU, bfloat16 on GPU)"
-    )
+    add = parser.add_argument
+    add("audio", nargs="+", help="audio files, or directories (their audio files, sorted by name)")
+    add("--model", default=DEFAULT_MODEL, metavar="DIR|REPO",
+        help=f"convert.py output, upstream checkpoint or mlx-audio conversion: a directory or Hub repo id (default: {DEFAULT_MODEL})")
+    add("--chunk-seconds", type=float, default=CHUNK_SECONDS, metavar="S", help="windows of about S >= 1 s (default: 30)")
+    add("--editing-steps", type=int, default=1, metavar="N", help="editor passes, each on the last one's output (default: 1)")
+    add("--output-format", choices=SUFFIXES, default="text", help=f"text, json (a line each: {', '.join(COLUMNS)}) or tsv")
+    add("--output-dir", type=Path, metavar="DIR", help="also write one file per input there (name.txt, .json or .tsv)")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    add("--verbose", action="store_true", help="also print the load time and each file's per-stage timings to stderr")
+    add("--quiet", action="store_true", help="print only transcripts and errors (no progress, no notes)")
     args = parser.parse_args()
-    if not FAST_BLAS and mx.default_device() == mx.cpu:
+    if args.chunk_seconds < 1 or args.editing_steps < 1 or (args.verbose and args.quiet):
+        parser.error("--chunk-seconds and --editing-steps must be at least 1; --verbose and --quiet exclude each other")
+    if not FAST_BLAS and mx.default_device() == mx.cpu and not args.quiet:
         print("note: OpenBLAS not found, CPU matmuls will be slow (apt-get install libopenblas0-pthread)", file=sys.stderr)
+    start = time.perf_counter()
     try:
         model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
+        if args.output_dir:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
-    failed = 0
-    for path in args.audio:
-        try:
-            print(transcribe(model, tokenizer, path), flush=True)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
+    if args.verbose:
+        print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+
+    header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
+    print(header, end="", flush=True)
+    failed, written = 0, {}
+    for path in map(Path, args.audio):
+        found = [path]
+        if path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav beside name.wav)
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in AUDIO_EXTENSIONS and p.name[0] != ".")
+        if not found:
+            print(f"error: {path}: no audio files ({' '.join(AUDIO_EXTENSIONS)})", file=sys.stderr)
             failed += 1
+        for path in found:
+            try:
+                out = args.output_dir / (path.stem + SUFFIXES[args.output_format]) if args.output_dir else None
+                if out in written:
+                    raise ValueError(f"{path}: {out} is already the output of {written[out]}: rename one of them")
+                line = _format(_transcribe_file(model, tokenizer, path, args), args.output_format)
+                print(line, flush=True)
+                if out:
+                    out.write_text(header + line + "\n", encoding="utf-8")
+                    written[out] = path
+            except (OSError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
     sys.exit(1 if failed else 0)
 
 

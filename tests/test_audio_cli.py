@@ -1,0 +1,354 @@
+"""Audio input, long-form windows, iterative editing and the command line of granite_nar.py.
+
+The model is the dev fixture (tests/fixtures/dev, random weights): transcripts are gibberish, so
+transcription is checked against this module's own single-window, single-step path, which
+test_granite_nar.py checks against the upstream reference.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import granite_nar as g  # noqa: E402
+from convert import convert  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "dev"
+AUDIO, AUDIO_SHORT = FIXTURE / "audio.wav", FIXTURE / "audio_short.wav"
+GOLDEN_TEXT = json.loads((FIXTURE / "golden.json").read_text())["decoded_text"]
+SR = g.SAMPLE_RATE
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "mlx"
+    convert(FIXTURE / "checkpoint", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return g.load(model_dir, dtype=mx.float32)
+
+
+def _sine(freq, rate, seconds, amplitude=0.5):
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(round(seconds * rate)) / rate)).astype(np.float32)
+
+
+def _interior(y):
+    return y[len(y) // 10 : -len(y) // 10]  # away from the zero padding at both ends
+
+
+# ---- resampler ----
+
+RATES = [8000, 11025, 12000, 22050, 24000, 32000, 44100, 48000, 96000, 7919]  # 7919 Hz: prime, no small ratio
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_resampler_keeps_frequency_and_amplitude(rate):
+    # Up to 0.44 of the lower rate (inside the 0.45 passband) a sine comes out as the same sine at
+    # the output times, phase included (no delay): anything else (gain error, ripple, images,
+    # aliases) is below -80 dB of the amplitude.
+    for freq in (100, 440, 2500, 0.44 * min(rate, SR)):
+        y = g.Resampler(rate)(_sine(freq, rate, 2.0), last=True)
+        assert len(y) == -(-2 * rate * SR // rate)  # ceil(n * 16000 / rate)
+        error = _interior(y - _sine(freq, SR, len(y) / SR))
+        assert np.abs(error).max() < 1e-4 * 0.5, (rate, freq)
+
+
+@pytest.mark.parametrize("rate", [22050, 44100, 44056, 48000, 96000])
+def test_resampler_rejects_energy_above_8khz(rate):
+    # The stopband starts at 8 kHz: above it nothing may alias into the 16 kHz output (>= 80 dB down).
+    for freq in np.linspace(8200, rate / 2 - 50, 12):
+        y = g.Resampler(rate)(_sine(freq, rate, 1.0), last=True)
+        rms = np.sqrt(np.mean(_interior(y) ** 2))
+        assert rms < 1e-4 * 0.5 / np.sqrt(2), (rate, freq, 20 * np.log10(rms / (0.5 / np.sqrt(2))))
+
+
+def test_resampler_below_16khz_adds_no_images():
+    # Upsampling 8 kHz: the output holds nothing between 4 and 8 kHz (the images of the input band).
+    y = _interior(g.Resampler(8000)(_sine(3000, 8000, 4.0) + _sine(3500, 8000, 4.0), last=True))
+    spectrum = np.abs(np.fft.rfft(y * np.kaiser(len(y), 14))) ** 2
+    freqs = np.fft.rfftfreq(len(y), 1 / SR)
+    assert spectrum[freqs > 4100].sum() < 1e-8 * spectrum.sum()
+
+
+@pytest.mark.parametrize("rate", [11025, 44100, 44056])  # 44056 Hz: 2000 phases, in several groups
+def test_resampler_streams_block_by_block(rate):
+    x = np.random.default_rng(0).standard_normal(3 * rate + 17).astype(np.float32)
+    whole = g.Resampler(rate)(x, last=True)
+    resampler, sizes, pieces, i = g.Resampler(rate), [1, 5000, 333, 70001, 4], [], 0
+    while i < len(x):
+        block = x[i : i + sizes[len(pieces) % len(sizes)]]
+        i += len(block)
+        pieces.append(resampler(block, last=i == len(x)))
+    np.testing.assert_allclose(np.concatenate(pieces), whole, atol=1e-5)
+    assert len(whole) == -(-len(x) * SR // rate)
+
+
+# ---- reading files and arrays ----
+
+
+def test_formats_rates_and_channels(tmp_path):
+    # Every format this libsndfile writes comes back as the same 16 kHz mono signal; channels are averaged.
+    left, right = _sine(440, 44100, 1.5, 0.6), _sine(440, 44100, 1.5, 0.2)
+    expected = _sine(440, SR, 1.5, 0.4)
+    for name, fmt in [("a.wav", "WAV"), ("a.flac", "FLAC"), ("a.ogg", "OGG"), ("a.mp3", "MP3")]:
+        if fmt not in sf.available_formats():
+            continue
+        sf.write(tmp_path / name, np.stack([left, right], axis=1), 44100)
+        audio = g.load_audio(tmp_path / name)
+        assert audio.dtype == np.float32 and audio.ndim == 1
+        if fmt in ("WAV", "FLAC"):  # lossless: PCM16 rounding only
+            assert len(audio) == len(expected)
+            assert np.abs(_interior(audio - expected)).max() < 1e-3, name
+        else:  # lossy codecs delay and pad: compare the level and the dominant frequency
+            assert abs(len(audio) / SR - 1.5) < 0.1, name
+            assert abs(np.sqrt(np.mean(_interior(audio) ** 2)) - 0.4 / np.sqrt(2)) < 0.02, name
+            spectrum = np.abs(np.fft.rfft(_interior(audio)))
+            assert abs(np.fft.rfftfreq(len(_interior(audio)), 1 / SR)[spectrum.argmax()] - 440) < 5, name
+
+
+def test_arrays_with_rate_and_channels():
+    stereo = np.stack([_sine(440, 48000, 1.0, 0.6), _sine(440, 48000, 1.0, 0.2)], axis=1)  # (n, channels)
+    np.testing.assert_allclose(g.load_audio(stereo, sample_rate=48000), g.load_audio(stereo.mean(axis=1), 48000), atol=1e-6)
+    three = np.stack([np.full(SR, 0.1), np.full(SR, 0.2), np.full(SR, 0.6)], axis=1)
+    np.testing.assert_allclose(g.load_audio(three), np.full(SR, 0.3), rtol=1e-6)
+    assert len(g.load_audio(_sine(440, 22050, 1.0), sample_rate=22050)) == SR
+    waveform = np.random.default_rng(1).standard_normal(SR).astype(np.float32)
+    assert np.array_equal(g.load_audio(waveform), waveform)  # 16 kHz mono passes untouched
+    pcm, _ = sf.read(AUDIO, dtype="int16")  # integer PCM is scaled as a file's samples are
+    assert np.array_equal(g.load_audio(pcm), g.load_audio(AUDIO))
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.flac"):
+        g.load_audio(tmp_path / "nope.flac")
+    (tmp_path / "notes.m4a").write_text("not audio")
+    with pytest.raises(ValueError, match=r"notes.m4a: cannot read .m4a audio .*WAV.*ffmpeg"):
+        g.load_audio(tmp_path / "notes.m4a")
+    sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), SR)
+    with pytest.raises(ValueError, match="empty.wav: audio is empty"):
+        g.load_audio(tmp_path / "empty.wav")
+    bad = np.zeros(3 * SR, np.float32)
+    bad[2 * SR] = np.inf
+    sf.write(tmp_path / "inf.wav", bad, SR, subtype="FLOAT")
+    with pytest.raises(ValueError, match="inf.wav: NaN or infinite samples"):
+        g.load_audio(tmp_path / "inf.wav")
+    with pytest.raises(ValueError, match="NaN"):
+        g.load_audio(np.full(100, np.nan))
+    with pytest.raises(ValueError, match="empty"):
+        g.load_audio(np.zeros(0))
+    with pytest.raises(ValueError, match=r"got shape \(2, 16000\)"):
+        g.load_audio(np.zeros((2, SR)))  # (channels, n_samples): transposed
+    with pytest.raises(ValueError, match="sample_rate"):
+        g.load_audio(np.zeros(SR), sample_rate=44100.5)
+    with pytest.raises(ValueError, match="sample_rate is for arrays"):
+        g.load_audio(AUDIO, sample_rate=SR)
+
+
+def test_short_and_silent_audio_give_empty_text(loaded):
+    model, tokenizer = loaded
+    assert g.transcribe(model, tokenizer, np.full(SR // 10 - 1, 0.5, np.float32)) == ""  # < 0.1 s
+    assert g.transcribe(model, tokenizer, np.zeros(5 * SR, np.float32)) == ""
+    assert g.transcribe(model, tokenizer, np.full(5 * SR, 5e-5, np.float32), chunk_seconds=2) == ""
+
+
+# ---- long-form windows ----
+
+
+def _noise_with_gaps(seconds, gaps, seed=0):
+    """Loud noise with 0.2 s silences starting at `gaps` (seconds)."""
+    x = (0.3 * np.random.default_rng(seed).standard_normal(round(seconds * SR))).astype(np.float32)
+    for start in gaps:
+        x[round(start * SR) : round((start + 0.2) * SR)] = 0
+    return x
+
+
+def _windows(x, chunk_seconds=g.CHUNK_SECONDS, block=SR):
+    return list(g.split_windows((x[i : i + block] for i in range(0, len(x), block)), chunk_seconds))
+
+
+def test_cuts_land_in_quiet_gaps():
+    gaps = [27.0, 60.5, 93.0, 121.0]  # each within 5 s of 30 s after the previous cut
+    x = _noise_with_gaps(140, gaps)
+    windows = _windows(x)
+    assert len(windows) == 5
+    assert np.array_equal(np.concatenate(windows), x)  # every sample exactly once, in order
+    cuts = np.cumsum([len(w) for w in windows])[:-1] / SR
+    for cut, gap in zip(cuts, gaps):
+        assert gap + 0.01 <= cut <= gap + 0.19, (cut, gap)  # the middle of a silent 20 ms frame
+
+
+def test_windows_do_not_depend_on_block_size():
+    x = _noise_with_gaps(100, [31.0, 58.0])
+    reference = _windows(x, block=len(x))
+    for block in (1000, SR, 7 * SR + 13):
+        assert all(np.array_equal(a, b) for a, b in zip(_windows(x, block=block), reference, strict=True))
+
+
+def test_window_count_and_lengths():
+    x = (0.1 * np.random.default_rng(2).standard_normal(10 * 60 * SR)).astype(np.float32)
+    windows = _windows(x)
+    assert 18 <= len(windows) <= 24  # 600 s in windows of 25 to 35 s, and the rest
+    assert all(25 * SR <= len(w) <= 35 * SR for w in windows[:-1])
+    assert sum(len(w) for w in windows) == len(x)
+    assert len(_windows(x[: 30 * SR])) == 1 and np.array_equal(_windows(x[: 30 * SR])[0], x[: 30 * SR])
+
+
+@pytest.mark.parametrize("extra", [1, 100, 319, 320, 6000])
+def test_no_window_shorter_than_an_encoder_frame(extra):
+    x = (0.1 * np.random.default_rng(3).standard_normal(30 * SR + extra)).astype(np.float32)
+    x[-extra:] = 0  # the quietest frames are at the very end
+    windows = _windows(x)
+    assert len(windows) == 2 and min(len(w) for w in windows) >= g.SAMPLES_PER_FRAME
+    assert np.array_equal(np.concatenate(windows), x)
+
+
+def test_long_audio_is_transcribed_window_by_window(loaded):
+    model, tokenizer = loaded
+    speech = g.load_audio(AUDIO)  # 3.4 s
+    x = np.concatenate([speech, np.zeros(SR // 2, np.float32)] * 4)  # 15.7 s, quiet every 3.9 s
+    windows = list(g.split_windows([x], chunk_seconds=4))
+    assert len(windows) == 4
+    texts = [g.transcribe(model, tokenizer, w) for w in windows]
+    assert g.transcribe(model, tokenizer, x, chunk_seconds=4) == " ".join(t.strip() for t in texts if t.strip())
+    assert g.transcribe(model, tokenizer, AUDIO, chunk_seconds=4) == GOLDEN_TEXT  # shorter: one window
+
+
+# ---- iterative editing ----
+
+
+def test_editing_steps_feed_each_output_back(loaded):
+    # Step k + 1 reads step k's CTC-collapsed output, over the audio embeddings of the one encoder pass.
+    # At half its level, the fixture clip is one where the second step still changes the ids.
+    model, tokenizer = loaded
+    blank, x = model.args.blank_token_id, 0.5 * g.load_audio(AUDIO)
+    bpe_logits, audio_embeds = model.encode(g.log_mel(x))
+    ids = g.ctc_collapse(mx.argmax(bpe_logits, axis=-1), blank)
+    steps = []
+    for _ in range(3):
+        ids = g.ctc_collapse(mx.argmax(model.edit(audio_embeds, ids), axis=-1), blank)
+        steps.append(ids)
+    assert steps[0] != steps[1]  # so the comparison below tells step 2 from a repeated step 1
+    for n, ids in enumerate(steps, start=1):
+        assert g.transcribe(model, tokenizer, x, editing_steps=n) == tokenizer.decode(ids)
+    assert g.transcribe(model, tokenizer, AUDIO, editing_steps=1) == GOLDEN_TEXT  # step 1 is the reference's
+    with pytest.raises(ValueError, match="editing_steps"):
+        g.transcribe(model, tokenizer, AUDIO, editing_steps=0)
+
+
+# ---- command line ----
+
+
+def _run(*args):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    command = [sys.executable, "granite_nar.py", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=env, cwd=ROOT)
+
+
+def test_help_explains_the_options():
+    result = _run("--help")
+    assert result.returncode == 0
+    for option in ("--model", "--chunk-seconds", "--editing-steps", "--output-format", "--output-dir", "--dtype",
+                   "--verbose", "--quiet", "examples:", "Exit status"):  # fmt: skip
+        assert option in result.stdout, option
+
+
+def test_directories_formats_and_output_dir(model_dir, tmp_path):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    sf.write(calls / "b.flac", np.stack([g.load_audio(AUDIO)] * 2, axis=1), SR)  # stereo FLAC, same content
+    sf.write(calls / "a.wav", g.load_audio(AUDIO_SHORT), SR, subtype="PCM_16")
+    (calls / "notes.txt").write_text("skipped: not an audio extension")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    result = _run(calls, tmp_path / "missing.wav", tmp_path / "empty", "--model", model_dir,
+                  "--output-format", "json", "--output-dir", out)  # fmt: skip
+    assert result.returncode == 1  # two failures, reported per input; the others are transcribed
+    assert "missing.wav" in result.stderr and "empty: no audio files" in result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["file"]).name for r in records] == ["a.wav", "b.flac"]
+    short_text = g.transcribe(*g.load(model_dir, dtype=mx.float32), AUDIO_SHORT)
+    assert [r["text"] for r in records] == [short_text, GOLDEN_TEXT]
+    for record in records:
+        assert list(record) == ["file", "text", "audio_seconds", "processing_seconds", "real_time_factor"]
+        assert isinstance(record["audio_seconds"], float) and isinstance(record["processing_seconds"], float)
+        rtf, seconds = record["real_time_factor"], record["audio_seconds"]
+        assert rtf == pytest.approx(record["processing_seconds"] / seconds, abs=1e-3 / seconds)  # both rounded
+    assert records[1]["audio_seconds"] == pytest.approx(54857 / SR, abs=1e-3)
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]
+    assert json.loads((out / "b.json").read_text()) == records[1]
+
+
+def test_text_and_tsv_output(model_dir, tmp_path):
+    result = _run(AUDIO, AUDIO_SHORT, "--model", model_dir, "--output-format", "tsv", "--output-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split("\t") == ["file", "text", "audio_seconds", "processing_seconds", "real_time_factor"]
+    assert [len(row.split("\t")) for row in rows] == [5, 5]
+    assert rows[0].split("\t")[1] == " ".join(GOLDEN_TEXT.splitlines()).replace("\t", " ")
+    assert (tmp_path / "audio.tsv").read_text(encoding="utf-8") == header + "\n" + rows[0] + "\n"
+
+
+def test_progress_verbose_quiet_and_editing_steps(model_dir, tmp_path):
+    x = np.concatenate([g.load_audio(AUDIO), np.zeros(SR // 2, np.float32)] * 2)  # 7.9 s
+    sf.write(tmp_path / "two.wav", x, SR, subtype="FLOAT")
+    model, tokenizer = g.load(model_dir, dtype=mx.float32)
+    expected = g.transcribe(model, tokenizer, x, chunk_seconds=4, editing_steps=2)
+    result = _run(tmp_path / "two.wav", "--model", model_dir, "--chunk-seconds", "4", "--editing-steps", "2", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert "two.wav: 8 of 8 s" in result.stderr  # progress, for audio longer than one window
+    assert "loaded" in result.stderr and "2 window(s); encode" in result.stderr and "edit" in result.stderr
+    result = _run(tmp_path / "two.wav", "--model", model_dir, "--chunk-seconds", "4", "--quiet")
+    assert result.returncode == 0 and result.stderr == ""
+    result = _run(AUDIO, "--model", model_dir, "--chunk-seconds", "0.5")
+    assert result.returncode == 2 and "at least 1" in result.stderr
+
+
+PEAK_RSS = """import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # of the CLI, this process's only child
+print(peak / (2**20 if sys.platform == "darwin" else 2**10), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _speechlike(path, minutes, rate=44100):
+    """Tone bursts with a 0.2 s pause every second plus noise, stereo PCM16, written a second at a time."""
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(path, "w", rate, 2, "PCM_16") as f:
+        for second in range(round(minutes * 60)):
+            t = np.arange(rate) / rate
+            x = 0.3 * np.sin(2 * np.pi * (200 + 50 * (second % 7)) * t) * (t < 0.8) + 0.01 * rng.standard_normal(rate)
+            f.write(np.stack([x, 0.5 * x], axis=1))
+
+
+def test_ten_minutes_in_flat_memory(model_dir, tmp_path):
+    # A 10-minute 44.1 kHz stereo file (106 MB as PCM16, 212 MB as float32; 38 MB even as 16 kHz mono
+    # float32) must take no more memory than a 2-minute one: it is read, resampled and transcribed a
+    # window at a time, and each window's compiled passes replace the previous window's.
+    peaks = {}
+    for minutes in (2, 10):
+        _speechlike(tmp_path / f"{minutes}.wav", minutes)
+        command = [sys.executable, "-c", PEAK_RSS, sys.executable, "granite_nar.py", tmp_path / f"{minutes}.wav"]
+        result = subprocess.run([*map(str, command), "--model", model_dir, "--output-format", "json"],
+                                capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        *progress, peak = result.stderr.splitlines()
+        peaks[minutes] = float(peak)
+        record = json.loads(result.stdout)
+        assert record["audio_seconds"] == pytest.approx(60 * minutes, abs=1e-3)
+        assert progress[-1] == f"{tmp_path / f'{minutes}.wav'}: {60 * minutes} of {60 * minutes} s"
+        assert 60 * minutes / 35 <= len(progress) <= 60 * minutes / 25 + 1  # a line per window of 25 to 35 s
+    assert peaks[10] < peaks[2] + 20, peaks  # MB
