@@ -993,6 +993,7 @@ def transcribe(model, tokenizer, audio, sample_rate=None, chunk_seconds=CHUNK_SE
 # ---- command line ----
 
 EXAMPLES = """examples:
+  python granite_nar.py audio.wav                        (downloads the default 5-bit model once)
   python granite_nar.py meeting.mp3 --model granite_nar_mlx
   python granite_nar.py calls/ --model granite_nar_mlx --output-format json --output-dir transcripts/
   python granite_nar.py talk.flac --model granite_nar_mlx --chunk-seconds 20 --editing-steps 2 --verbose
