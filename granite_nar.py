@@ -466,7 +466,7 @@ class ConformerConvModule(nn.Module):
         self.padding = (K // 2, K // 2 - (K + 1) % 2)  # "same" length, also for even K
         self.norm = nn.LayerNorm(dim)
         self.up_conv = nn.Linear(dim, 2 * inner)  # kernel-1 convs are Linears
-        self.depth_conv = nn.Conv1d(inner, inner, K, groups=inner, bias=False)
+        self.depth_conv = nn.Conv1d(inner, inner, K, groups=inner, bias=False)  # its kernel, run by _depthwise_conv
         self.batch_norm = nn.BatchNorm(inner)
         self.down_conv = nn.Linear(inner, dim)
 
