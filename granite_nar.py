@@ -78,6 +78,8 @@ MIN_SECONDS = 0.1  # shorter audio (or window) transcribes to ""
 SILENCE_PEAK = 1e-4  # -80 dBFS, ~3 LSB of 16-bit audio: a window whose peak is below is silence, ""
 CHUNK_SECONDS = 30.0  # windows of about this length; one pass over minutes of audio degrades badly
 CUT_SEARCH_SECONDS = 5.0  # each cut goes to the quietest 20 ms within this much of the nominal window end
+BATCH_SIZE = 8  # windows transcribed together
+MAX_TRACES = 32  # compiled shapes kept per pass (ShapeCompiled)
 
 
 # ---- config ----
@@ -300,6 +302,26 @@ def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
         yield buffer
 
 
+# ---- compiled graphs ----
+
+
+class ShapeCompiled:
+    """mx.compile(fun), keeping the traces of up to MAX_TRACES input shapes. A pass is traced once per shape,
+    then replayed without Python's per-op dispatch (most of a GPU run's time) with elementwise chains fused.
+    mx.compile keeps every shape's trace while the function lives, and every window of long audio, every batch,
+    brings new shapes: past MAX_TRACES the function is dropped with its traces. A trace holds the weights it read."""
+
+    def __init__(self, fun):
+        self.fun, self.shapes, self.compiled = fun, set(), mx.compile(fun)
+
+    def __call__(self, *inputs):
+        shapes = tuple(None if a is None else a.shape for a in inputs)
+        if shapes not in self.shapes and len(self.shapes) == MAX_TRACES:
+            self.shapes, self.compiled = set(), mx.compile(self.fun)
+        self.shapes.add(shapes)
+        return self.compiled(*inputs)
+
+
 # ---- featurizer ----
 
 
@@ -327,25 +349,40 @@ WINDOW = mx.array(_window())
 
 def log_mel(waveform):
     """(n_samples,) float waveform at 16 kHz -> (n_samples // 320, 160) encoder features."""
-    x = mx.array(waveform, dtype=mx.float32)
-    if x.ndim != 1:
-        raise ValueError(f"log_mel expects a mono waveform (n_samples,), got shape {x.shape}")
-    if x.shape[0] < SAMPLES_PER_FRAME:
-        raise ValueError(f"audio too short: {x.shape[0]} samples, at least {SAMPLES_PER_FRAME} needed")
-    return _log_mel(x)
+    features, _ = log_mel_batch([waveform])
+    return features[0]
 
 
-@mx.compile
-def _log_mel(x):
-    n_frames = 2 * (x.shape[0] // SAMPLES_PER_FRAME)  # STFT frames kept: an even count
-    pad = N_FFT // 2  # center=True with reflect padding
-    x = mx.concatenate([x[1 : pad + 1][::-1], x, x[-pad - 1 : -1][::-1]])
-    frames = mx.as_strided(x, (n_frames, N_FFT), (HOP_LENGTH, 1))  # (2T, 512)
+def log_mel_batch(waveforms):
+    """B waveforms (n_b,) at 16 kHz -> features (B, max T_b, 160), zero past each T_b = n_b // 320, and the T_b."""
+    waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
+    for w in waveforms:
+        if w.ndim != 1:
+            raise ValueError(f"log_mel expects a mono waveform (n_samples,), got shape {w.shape}")
+        if len(w) < SAMPLES_PER_FRAME:
+            raise ValueError(f"audio too short: {len(w)} samples, at least {SAMPLES_PER_FRAME} needed")
+    pad = N_FFT // 2  # center=True with reflect padding, then zeros to the longest
+    x = np.zeros((len(waveforms), max(map(len, waveforms)) + 2 * pad), np.float32)
+    for row, w in zip(x, waveforms):
+        row[: len(w) + 2 * pad] = np.pad(w, pad, mode="reflect")
+    lengths = [len(w) // SAMPLES_PER_FRAME for w in waveforms]
+    return _log_mel(mx.array(x), mx.array(lengths)), lengths
+
+
+def _log_mel_graph(x, lengths):  # (B, n + N_FFT) padded waveforms, (B,) frames -> (B, n // 320, 160)
+    B, n = x.shape
+    n_frames = 2 * ((n - N_FFT) // SAMPLES_PER_FRAME)  # STFT frames kept: an even count
+    frames = mx.as_strided(x, (B, n_frames, N_FFT), (n, HOP_LENGTH, 1))  # (B, 2T, 512)
     spectrum = mx.fft.rfft(frames * WINDOW)
-    power = mx.square(spectrum.real) + mx.square(spectrum.imag)  # (2T, 257)
-    logmel = mx.log10(mx.maximum(power @ MEL_FILTERS, 1e-10))  # (2T, 80)
-    logmel = mx.maximum(logmel, logmel.max() - LOG_MEL_RANGE) / 4 + 1
-    return logmel.reshape(-1, 2 * N_MELS)  # (T, 160): frames 2t and 2t+1 side by side
+    power = mx.square(spectrum.real) + mx.square(spectrum.imag)  # (B, 2T, 257)
+    logmel = mx.log10(mx.maximum(power @ MEL_FILTERS, 1e-10))  # (B, 2T, 80)
+    valid = (mx.arange(n_frames) < 2 * lengths[:, None])[..., None]
+    top = mx.where(valid, logmel, -mx.inf).max(axis=(1, 2), keepdims=True)  # each utterance's maximum
+    logmel = mx.where(valid, mx.maximum(logmel, top - LOG_MEL_RANGE) / 4 + 1, 0)
+    return logmel.reshape(B, -1, 2 * N_MELS)  # (B, T, 160): frames 2t and 2t+1 side by side
+
+
+_log_mel = ShapeCompiled(_log_mel_graph)
 
 
 # ---- activations and attention ----
@@ -392,15 +429,21 @@ def silu(x):
 
 def attention(q, k, v, scale, mask=None):
     """softmax(q k^T * scale + mask) v for (B, H, L, d) queries and (B, H_kv, S, d) keys/values
-    (grouped heads: query head j reads key head j // (H / H_kv)). mx.fast's kernel, but on the CPU."""
+    (grouped heads: query head j reads key head j // (H / H_kv)); an additive mask broadcasts to (B, H, L, S).
+    mx.fast's kernel, but on the CPU."""
     if not _slow_exp(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, d = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1], L, d)  # group the query heads of each kv head
-    scores = (q * scale) @ k[:, :, None].swapaxes(-1, -2)
+    scores = (q * scale) @ k[:, :, None].swapaxes(-1, -2)  # (B, H_kv, H / H_kv, L, S)
     if mask is not None:
-        scores = scores + mask.reshape(scores.shape)
+        scores = (scores.reshape(B, H, L, -1) + mask).reshape(scores.shape)
     return (_cpu_softmax(scores) @ v[:, :, None]).reshape(B, H, L, d)
+
+
+def zero_padding(x, mask):
+    """(B, T, ...) -> rows past each sample's length set to zero; mask: (B, T), True on real rows (None: all)."""
+    return x if mask is None else mx.where(mask.reshape(*mask.shape, *[1] * (x.ndim - 2)), x, 0)
 
 
 # ---- Conformer encoder ----
@@ -432,11 +475,11 @@ class ConformerAttention(nn.Module):
         self.to_out = nn.Linear(inner, args.hidden_dim)
         self.rel_pos_emb = nn.Embedding(2 * args.max_pos_emb + 1, args.dim_head)
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         B, T, _ = x.shape
         C, H = self.context_size, self.num_heads
         n_blocks = -(-T // C)
-        h = self.pre_norm(x)
+        h = zero_padding(self.pre_norm(x), mask)
         q = self.to_q(h)
         k, v = mx.split(self.to_kv(h), 2, axis=-1)
         # Upstream pads with zero rows after the norm; without biases they project to zeros, so pad here.
@@ -448,9 +491,10 @@ class ConformerAttention(nn.Module):
         pos = mx.arange(C)
         rel = self.rel_pos_emb(pos[:, None] - pos[None, :] + self.max_pos_emb)  # (C, C, d)
         bias = mx.einsum("bnhcd,crd->bnhcr", q, rel) * self.scale
-        # Padded frames of the last block: the position term is replaced by -max (as upstream)
-        frame = mx.arange(n_blocks * C).reshape(n_blocks, 1, C)
-        real = (frame[..., :, None] < T) & (frame[..., None, :] < T)  # (n_blocks, 1, C, C)
+        # Padded frames: the position term is replaced by -max (as upstream does for the last block's)
+        real = mx.arange(n_blocks * C) < T if mask is None else mx.pad(mask, [(0, 0), (0, n_blocks * C - T)])
+        real = real.reshape(-1, n_blocks, 1, C)
+        real = real[..., :, None] & real[..., None, :]  # (B or 1, n_blocks, 1, C, C)
         bias = mx.where(real, bias, mx.finfo(bias.dtype).min)
 
         q, k, v = (a.reshape(B * n_blocks, H, C, -1) for a in (q, k, v))
@@ -470,9 +514,10 @@ class ConformerConvModule(nn.Module):
         self.batch_norm = nn.BatchNorm(inner)
         self.down_conv = nn.Linear(inner, dim)
 
-    def __call__(self, x):  # (B, T, D) -> (B, T, D), over the whole utterance
+    def __call__(self, x, mask=None):  # (B, T, D) -> (B, T, D), over the whole utterance
         value, gate = mx.split(self.up_conv(self.norm(x)), 2, axis=-1)  # GLU over channels
-        h = _depthwise_conv(mx.pad(value * sigmoid(gate), [(0, 0), self.padding, (0, 0)]), self.depth_conv.weight)
+        h = zero_padding(value * sigmoid(gate), mask)  # the convolution reads zeros past the end
+        h = _depthwise_conv(mx.pad(h, [(0, 0), self.padding, (0, 0)]), self.depth_conv.weight)
         return self.down_conv(silu(self.batch_norm(h)))
 
 
@@ -494,10 +539,10 @@ class ConformerBlock(nn.Module):
         self.ff2 = ConformerFeedForward(args)
         self.post_norm = nn.LayerNorm(args.hidden_dim)
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         x = x + 0.5 * self.ff1(x)
-        x = x + self.attn(x)
-        x = x + self.conv(x)
+        x = x + self.attn(x, mask)
+        x = x + self.conv(x, mask)
         x = x + 0.5 * self.ff2(x)
         return self.post_norm(x)
 
@@ -512,17 +557,18 @@ class ConformerEncoder(nn.Module):
         self.out_mid = nn.Linear(args.output_dim, args.hidden_dim)  # its feedback
         self.out_bpe = nn.Linear(args.hidden_dim, args.bpe_output_dim)
 
-    def __call__(self, features):
-        """(B, T, 160) -> hidden states [input, block 1 .. block L] of (B, T, D), BPE logits (B, ceil(T/W), V)."""
+    def __call__(self, features, mask=None):
+        """(B, T, 160) -> hidden states [input, block 1 .. block L] of (B, T, D), BPE logits (B, ceil(T/W), V).
+        mask (B, T): True on real frames; padded ones change no real frame's output."""
         x = self.input_linear(features)
         hidden_states = [x]
         for i, layer in enumerate(self.layers, start=1):
-            x = layer(x)
+            x = layer(x, mask)
             if i == self.args.self_conditioning_layer:
                 posteriors = mx.softmax(self.out(x), axis=-1, precise=True)
                 x = x + self.out_mid(posteriors)  # hidden_states[i] is the state after this
             hidden_states.append(x)
-        pooled = self.pool(x, importance=1 - posteriors[..., 0])
+        pooled = self.pool(x, importance=zero_padding(1 - posteriors[..., 0], mask))
         return hidden_states, self.out_bpe(pooled)
 
     def pool(self, x, importance):
@@ -598,15 +644,15 @@ class QFormerProjector(nn.Module):
         self.out_norm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
         self.out_linear = nn.Linear(args.hidden_size, args.llm_dim)
 
-    def __call__(self, x):
-        """(B, T, k * D) -> (B, ceil(T / block) * n_queries, llm_dim)."""
+    def __call__(self, x, mask=None):
+        """(B, T, k * D), mask (B, T) of real frames -> (B, ceil(T / block) * n_queries, llm_dim)."""
         B, T, _ = x.shape
         block, rate = self.args.block_size, self.args.downsample_rate
         slices = mx.split(x, len(self.layer_norms), axis=-1)
         x = mx.concatenate([norm(s) for norm, s in zip(self.layer_norms, slices)], axis=-1)
-        x = nn.gelu(self.layer_projector(x))  # exact (erf) GELU
+        x = zero_padding(nn.gelu(self.layer_projector(x)), mask)  # exact (erf) GELU
         n_blocks = -(-T // block)
-        x = mx.pad(x, [(0, 0), (0, n_blocks * block - T), (0, 0)])  # zero rows after the GELU
+        x = mx.pad(x, [(0, 0), (0, n_blocks * block - T), (0, 0)])  # padding: zero rows after the GELU
         x = x.reshape(B * n_blocks, block, -1)  # (N, block, H)
         query = self.query + x.reshape(B * n_blocks, block // rate, rate, -1).mean(axis=2)  # (N, q, H)
         kv = x + self.window_positions  # padded rows included, no mask
@@ -630,13 +676,13 @@ class EditorAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
         self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)  # rotates halves
 
-    def __call__(self, x):  # (B, S, hidden) -> (B, S, hidden)
+    def __call__(self, x, mask=None):  # (B, S, hidden) -> (B, S, hidden)
         B, S, _ = x.shape
         q = self.q_proj(x).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = self.rope(q), self.rope(k)  # positions 0..S-1 over [audio | text]
-        out = attention(q, k, v, self.scale)  # no mask: bidirectional
+        out = attention(q, k, v, self.scale, mask)  # bidirectional: the mask only hides padding
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
 
@@ -660,8 +706,8 @@ class EditorLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mlp = EditorMLP(args)
 
-    def __call__(self, h):
-        h = h + self.residual_multiplier * self.self_attn(self.input_layernorm(h))
+    def __call__(self, h, mask=None):
+        h = h + self.residual_multiplier * self.self_attn(self.input_layernorm(h), mask)
         return h + self.residual_multiplier * self.mlp(self.post_attention_layernorm(h))
 
 
@@ -675,10 +721,11 @@ class GraniteEditor(nn.Module):
         self.layers = [EditorLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs_embeds):  # (B, S, hidden) -> (B, S, hidden), after the final norm
+    def __call__(self, inputs_embeds, mask=None):
+        """(B, S, hidden) -> (B, S, hidden), after the final norm; mask: additive, (B, 1, 1, S)."""
         h = inputs_embeds * self.args.embedding_multiplier
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, mask)
         return self.norm(h)
 
     def head(self, h):  # tied output head: (B, n, hidden) -> (B, n, vocab)
@@ -688,22 +735,6 @@ class GraniteEditor(nn.Module):
 # ---- the model ----
 
 
-class LatestShapeCompiled:
-    """mx.compile(fun) keeping only the latest input shapes' trace. A pass is traced for its shapes, then
-    replayed without Python's per-op dispatch (most of a GPU run's time) with elementwise chains fused.
-    mx.compile keeps every shape's trace while the function lives, and each window of long audio brings a
-    new shape; dropping the function erases them. The trace captures the weights: load them first."""
-
-    def __init__(self, fun):
-        self.fun, self.shapes, self.compiled = fun, None, None
-
-    def __call__(self, *inputs):
-        shapes = [a.shape for a in inputs]
-        if shapes != self.shapes:
-            self.shapes, self.compiled = shapes, mx.compile(self.fun)
-        return self.compiled(*inputs)
-
-
 class GraniteNAR(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -711,8 +742,8 @@ class GraniteNAR(nn.Module):
         self.encoder = ConformerEncoder(args.encoder)
         self.projector = QFormerProjector(args.projector)
         self.editor = GraniteEditor(args.editor)
-        self._encode = LatestShapeCompiled(self._encode_graph)
-        self._edit = LatestShapeCompiled(self._edit_graph)
+        self._encode = ShapeCompiled(self._encode_graph)
+        self._edit = ShapeCompiled(self._edit_graph)
 
     @property
     def dtype(self):
@@ -720,26 +751,53 @@ class GraniteNAR(nn.Module):
 
     def encode(self, features):
         """(T, 160) -> BPE CTC logits (ceil(T / W), vocab), audio embeddings (T // downsample_rate, llm_dim)."""
-        return self._encode(features.astype(self.dtype))
+        bpe_logits, audio_embeds = self.encode_batch(features[None], [features.shape[0]])
+        return bpe_logits[0], audio_embeds[0]
 
-    def _encode_graph(self, features):
-        hidden_states, bpe_logits = self.encoder(features[None])
+    def encode_batch(self, features, lengths):
+        """(B, T, 160) features, real frames T_b per sample (the rest padding) -> BPE CTC logits (B, ceil(T / W),
+        vocab) and audio embeddings (B, T // downsample_rate, llm_dim); sample b's are its first ceil(T_b / W)
+        and T_b // downsample_rate rows, as encode() gives them for its features alone."""
+        T = features.shape[1]
+        mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
+        return self._encode(features.astype(self.dtype), mask)
+
+    def _encode_graph(self, features, mask):
+        hidden_states, bpe_logits = self.encoder(features, mask)
         multilayer = mx.concatenate([hidden_states[i] for i in self.args.encoder_layer_indices], axis=-1)
-        n_audio = features.shape[0] // self.args.projector.downsample_rate  # the projector's padded tail is dropped
-        audio_embeds = self.projector(multilayer)[0, :n_audio]
+        n_audio = features.shape[1] // self.args.projector.downsample_rate  # the projector's padded tail is dropped
+        audio_embeds = self.projector(multilayer, mask)[:, :n_audio]
         if self.args.scale_projected_embeddings:
             audio_embeds = audio_embeds / self.args.editor.embedding_multiplier
-        return bpe_logits[0], audio_embeds
+        return bpe_logits, audio_embeds
 
     def edit(self, audio_embeds, hypothesis_ids):
         """(A, llm_dim), n token ids -> logits (max(2n + 1, min_edit_sequence_length), vocab) for the text slots."""
-        slots = insert_slots(hypothesis_ids, self.args.blank_token_id, self.args.min_edit_sequence_length)
-        return self._edit(audio_embeds.astype(self.dtype), mx.array(slots, dtype=mx.int32))
+        return self.edit_batch(audio_embeds[None], [audio_embeds.shape[0]], [hypothesis_ids])[0]
 
-    def _edit_graph(self, audio_embeds, slots):
-        inputs_embeds = mx.concatenate([audio_embeds, self.editor.embed_tokens(slots)])[None]
-        hidden = self.editor(inputs_embeds)[:, audio_embeds.shape[0] :]  # the head runs on text rows only
-        return self.editor.head(hidden)[0]
+    def edit_batch(self, audio_embeds, audio_lengths, hypotheses):
+        """(B, A, llm_dim) audio embeddings with A_b real rows each, B token-id lists -> per sample the logits of
+        its text slots, as edit() gives them. Sample b reads [audio_b | slots_b] at positions 0.., then padding
+        that the attention mask hides."""
+        blank = self.args.blank_token_id
+        slots = [insert_slots(ids, blank, self.args.min_edit_sequence_length) for ids in hypotheses]
+        lengths = [a + len(s) for a, s in zip(audio_lengths, slots)]
+        B, S = len(slots), max(*lengths, audio_embeds.shape[1])
+        token_ids = np.full((B, S), blank, np.int32)
+        for b, (a, s) in enumerate(zip(audio_lengths, slots)):
+            token_ids[b, a : a + len(s)] = s
+        text_rows = np.concatenate([b * S + np.arange(a, n) for b, (a, n) in enumerate(zip(audio_lengths, lengths))])
+        mask = None if min(lengths) == S else mx.array(np.where(np.arange(S) < np.c_[lengths], 0, -np.inf)[:, None, None], self.dtype)
+        logits = self._edit(audio_embeds.astype(self.dtype), mx.array(token_ids), mx.array(audio_lengths), mask, mx.array(text_rows))
+        return mx.split(logits, np.cumsum([len(s) for s in slots])[:-1].tolist())
+
+    def _edit_graph(self, audio_embeds, token_ids, audio_lengths, mask, text_rows):
+        B, S = token_ids.shape
+        audio = mx.pad(audio_embeds, [(0, 0), (0, S - audio_embeds.shape[1]), (0, 0)])
+        is_audio = (mx.arange(S) < audio_lengths[:, None])[..., None]
+        inputs_embeds = mx.where(is_audio, audio, self.editor.embed_tokens(token_ids))  # (B, S, hidden)
+        hidden = self.editor(inputs_embeds, mask)
+        return self.editor.head(hidden.reshape(B * S, -1)[text_rows])  # the head runs on text rows only
 
 
 # ---- decoding ----
@@ -950,31 +1008,86 @@ def load(path, dtype=None):
 # ---- transcription ----
 
 
-def _transcribe_window(model, tokenizer, waveform, editing_steps, timings):
-    """(n_samples,) 16 kHz -> text. The first editor pass reads the encoder's hypothesis, each further one the
-    previous pass's CTC-collapsed output, over the same audio embeddings (upstream generate(num_editing_steps))."""
-    if len(waveform) < MIN_SECONDS * SAMPLE_RATE or np.abs(waveform).max() < SILENCE_PEAK:
-        return ""
-    blank = model.args.blank_token_id
+def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, timings=None):
+    """16 kHz waveforms -> their texts, transcribed as one batch, each as it would be alone. The first editor
+    pass reads the encoder's hypothesis, each further one the previous pass's CTC-collapsed output, over the
+    same audio embeddings (upstream generate(num_editing_steps)). Waveforms under MIN_SECONDS, or silent, give "".
+    Adds the seconds spent encoding (featurizer included) and editing to `timings`."""
+    texts = [""] * len(waveforms)
+    live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE and np.abs(w).max() >= SILENCE_PEAK]
+    if not live:
+        return texts
+    blank, timings = model.args.blank_token_id, Counter() if timings is None else timings
     start = time.perf_counter()
-    bpe_logits, audio_embeds = model.encode(log_mel(waveform))
-    ids = ctc_collapse(mx.argmax(bpe_logits, axis=-1), blank)  # waits for the encoder
+    features, lengths = log_mel_batch([waveforms[i] for i in live])
+    bpe_logits, audio_embeds = model.encode_batch(features, lengths)
+    best = np.array(mx.argmax(bpe_logits, axis=-1))  # (B, ceil(T / W)); waits for the encoder
+    W, rate = model.args.encoder.bpe_pooling_window, model.args.projector.downsample_rate
+    hypotheses = [ctc_collapse(row[: -(-T // W)], blank) for row, T in zip(best, lengths)]
     encoded = time.perf_counter()
     for _ in range(editing_steps):
-        ids = ctc_collapse(mx.argmax(model.edit(audio_embeds, ids), axis=-1), blank)
+        best = [mx.argmax(logits, axis=-1) for logits in model.edit_batch(audio_embeds, [T // rate for T in lengths], hypotheses)]
+        mx.eval(best)
+        hypotheses = [ctc_collapse(ids, blank) for ids in best]
     timings["encode"] += encoded - start
     timings["edit"] += time.perf_counter() - encoded
-    return tokenizer.decode(ids)
+    for i, ids in zip(live, hypotheses):
+        texts[i] = tokenizer.decode(ids)
+    return texts
 
 
-def transcribe_windows(model, tokenizer, audio, sample_rate=None, chunk_seconds=CHUNK_SECONDS, editing_steps=1, timings=None):
-    """Yield (seconds, text) per window of `audio` (see transcribe), reading the audio as it goes; adds
-    the seconds spent in the encoder and in the editor to `timings`."""
-    if editing_steps < 1:
-        raise ValueError(f"editing_steps must be at least 1, got {editing_steps}")
-    timings = Counter() if timings is None else timings
-    for window in split_windows(_audio_blocks(audio, sample_rate), chunk_seconds):
-        yield len(window) / SAMPLE_RATE, _transcribe_window(model, tokenizer, window, editing_steps, timings)
+@dataclass
+class WindowText:
+    index: int  # the audio it belongs to
+    seconds: float  # its length
+    text: str
+    last: bool  # the audio's last window
+    elapsed: float  # its share of its batch's processing seconds (by length)
+
+
+def _duration(audio, sample_rate):
+    """Seconds of audio, from the header for files (0 when it cannot be opened: reading it will say why)."""
+    if not isinstance(audio, (str, Path)):
+        return len(audio) / (sample_rate or SAMPLE_RATE)
+    try:
+        info = sf.info(str(audio))
+    except (OSError, RuntimeError):  # soundfile's LibsndfileError is a RuntimeError
+        return 0.0
+    return info.frames / info.samplerate
+
+
+def _all_windows(audios, order, sample_rate, chunk_seconds, errors):
+    """(index, window, last) for every window of every audio, in `order`, read as it goes. A reading error
+    raises, or with an `errors` dict is stored there by index (windows already read still come)."""
+    for i in order:
+        try:
+            previous = None
+            for window in split_windows(_audio_blocks(audios[i], sample_rate), chunk_seconds):
+                if previous is not None:
+                    yield i, previous, False
+                previous = window
+            yield i, previous, True
+        except (OSError, ValueError) as e:
+            if errors is None:
+                raise
+            errors[i] = e
+
+
+def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BATCH_SIZE, chunk_seconds=CHUNK_SECONDS,
+                      editing_steps=1, timings=None, errors=None):  # fmt: skip
+    """Transcribe every window of every audio (see transcribe), batch_size windows at a time, the audios taken
+    shortest first (a batch of similar lengths pads less). Yields a WindowText per window as its batch
+    finishes; an audio's windows come in order. Reading errors raise, or are stored in `errors` by index."""
+    if editing_steps < 1 or batch_size < 1:
+        raise ValueError(f"editing_steps and batch_size must be at least 1, got {editing_steps} and {batch_size}")
+    order = sorted(range(len(audios)), key=lambda i: _duration(audios[i], sample_rate))
+    windows = _all_windows(audios, order, sample_rate, chunk_seconds, errors)
+    while batch := list(itertools.islice(windows, batch_size)):
+        start = time.perf_counter()
+        texts = transcribe_waveforms(model, tokenizer, [w for _, w, _ in batch], editing_steps, timings)
+        share = (time.perf_counter() - start) / sum(len(w) for _, w, _ in batch)
+        for (i, window, last), text in zip(batch, texts):
+            yield WindowText(i, len(window) / SAMPLE_RATE, text, last, share * len(window))
 
 
 def join_windows(texts):
@@ -982,12 +1095,20 @@ def join_windows(texts):
     return texts[0] if len(texts) == 1 else " ".join(t.strip() for t in texts if t.strip())
 
 
-def transcribe(model, tokenizer, audio, sample_rate=None, chunk_seconds=CHUNK_SECONDS, editing_steps=1):
+def transcribe_batch(model, tokenizer, audios, sample_rate=None, batch_size=BATCH_SIZE, chunk_seconds=CHUNK_SECONDS, editing_steps=1):
+    """Several audios, each as transcribe() takes it -> their transcripts, in order: the same texts as one by
+    one, computed batch_size windows at a time (transcribe_stream)."""
+    texts = [[] for _ in audios]
+    for window in transcribe_stream(model, tokenizer, audios, sample_rate, batch_size, chunk_seconds, editing_steps):
+        texts[window.index].append(window.text)
+    return [join_windows(t) for t in texts]
+
+
+def transcribe(model, tokenizer, audio, sample_rate=None, chunk_seconds=CHUNK_SECONDS, editing_steps=1, batch_size=BATCH_SIZE):
     """audio: a file path, or a waveform (n_samples,) or (n_samples, channels) at sample_rate Hz
     (default 16000) -> transcript. Longer than chunk_seconds, it is transcribed in windows cut at
-    quiet points (split_windows). Audio under 0.1 s, or silent, gives ""."""
-    windows = transcribe_windows(model, tokenizer, audio, sample_rate, chunk_seconds, editing_steps)
-    return join_windows([text for _, text in windows])
+    quiet points (split_windows), batch_size at a time. Audio under 0.1 s, or silent, gives ""."""
+    return transcribe_batch(model, tokenizer, [audio], sample_rate, batch_size, chunk_seconds, editing_steps)[0]
 
 
 # ---- command line ----
@@ -1006,27 +1127,34 @@ COLUMNS = ("file", "text", "audio_seconds", "processing_seconds", "real_time_fac
 SUFFIXES = {"text": ".txt", "json": ".json", "tsv": ".tsv"}
 
 
-def _transcribe_file(model, tokenizer, path, args):
-    """One file -> its record (COLUMNS); progress and stage timings on stderr."""
-    start, timings, texts, seconds = time.perf_counter(), Counter(), [], 0.0
-    with _open_audio(path) as f:
-        duration = f.frames / f.samplerate
-    progress, tty = not args.quiet and duration > args.chunk_seconds, sys.stderr.isatty()
-    windows = transcribe_windows(model, tokenizer, path, None, args.chunk_seconds, args.editing_steps, timings)
-    for window_seconds, text in windows:
-        texts.append(text)
-        seconds += window_seconds
-        if progress:  # one line, rewritten in a terminal
-            print(f"{path}: {seconds:.0f} of {duration:.0f} s", end="\r" if tty else "\n", file=sys.stderr, flush=True)
-    if progress and tty:
-        print(file=sys.stderr)
-    elapsed = time.perf_counter() - start
+def _transcribe_files(model, tokenizer, paths, args):
+    """Yield (path, record (COLUMNS) or the error it raised) per file, in input order, as soon as it and the files
+    before it are done. All are transcribed together, in batches; progress for long files on stderr."""
+    errors, timings, start = {}, Counter(), time.perf_counter()
+    texts, seconds, elapsed = [[] for _ in paths], [0.0] * len(paths), [0.0] * len(paths)
+    durations = [_duration(path, None) for path in paths]
+    tty, done, n_out, n_windows = sys.stderr.isatty(), set(), 0, 0
+    stream = transcribe_stream(model, tokenizer, paths, None, args.batch_size, args.chunk_seconds, args.editing_steps, timings, errors)
+    for window in itertools.chain(stream, [None]):  # None: the end
+        if window:
+            i, n_windows = window.index, n_windows + 1
+            texts[i].append(window.text)
+            seconds[i] += window.seconds
+            elapsed[i] += window.elapsed
+            done.update([i] if window.last else [])
+            if not args.quiet and durations[i] > args.chunk_seconds:  # one line per window, rewritten in a terminal
+                end = "\n" if window.last or not tty else "\r"
+                print(f"{paths[i]}: {seconds[i]:.0f} of {durations[i]:.0f} s", end=end, file=sys.stderr, flush=True)
+        done.update(errors)
+        while n_out < len(paths) and (n_out in done or window is None):
+            i, n_out = n_out, n_out + 1
+            values = (str(paths[i]), join_windows(texts[i]), round(seconds[i], 3), round(elapsed[i], 3), round(elapsed[i] / max(seconds[i], 1e-9), 4))
+            yield paths[i], errors.get(i) or dict(zip(COLUMNS, values))
     if args.verbose:
-        timings["audio and decoding"] = elapsed - sum(timings.values())
+        total = time.perf_counter() - start
+        timings["audio and decoding"] = total - sum(timings.values())
         stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in timings.items())
-        print(f"{path}: {len(texts)} window(s); {stages}; total {elapsed:.2f} s", file=sys.stderr)
-    values = (str(path), join_windows(texts), round(seconds, 3), round(elapsed, 3), round(elapsed / seconds, 4))
-    return dict(zip(COLUMNS, values))
+        print(f"{len(paths)} file(s), {n_windows} window(s) in batches of up to {args.batch_size}; {stages}; total {total:.2f} s", file=sys.stderr)
 
 
 def _format(record, output_format):
@@ -1049,14 +1177,15 @@ def main():
         help=f"convert.py output, upstream checkpoint or mlx-audio conversion: a directory or Hub repo id (default: {DEFAULT_MODEL})")
     add("--chunk-seconds", type=float, default=CHUNK_SECONDS, metavar="S", help="windows of about S >= 1 s (default: 30)")
     add("--editing-steps", type=int, default=1, metavar="N", help="editor passes, each on the last one's output (default: 1)")
+    add("--batch-size", type=int, default=BATCH_SIZE, metavar="N", help=f"windows (of one file or several) transcribed together (default: {BATCH_SIZE})")
     add("--output-format", choices=SUFFIXES, default="text", help=f"text, json (a line each: {', '.join(COLUMNS)}) or tsv")
     add("--output-dir", type=Path, metavar="DIR", help="also write one file per input there (name.txt, .json or .tsv)")
     add("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    add("--verbose", action="store_true", help="also print the load time and each file's per-stage timings to stderr")
+    add("--verbose", action="store_true", help="also print the load time and per-stage timings to stderr")
     add("--quiet", action="store_true", help="print only transcripts and errors (no progress, no notes)")
     args = parser.parse_args()
-    if args.chunk_seconds < 1 or args.editing_steps < 1 or (args.verbose and args.quiet):
-        parser.error("--chunk-seconds and --editing-steps must be at least 1; --verbose and --quiet exclude each other")
+    if args.chunk_seconds < 1 or args.editing_steps < 1 or args.batch_size < 1 or (args.verbose and args.quiet):
+        parser.error("--chunk-seconds, --editing-steps and --batch-size must be at least 1; --verbose and --quiet exclude each other")
     if not FAST_BLAS and mx.default_device() == mx.cpu and not args.quiet:
         print("note: OpenBLAS not found, CPU matmuls will be slow (apt-get install libopenblas0-pthread)", file=sys.stderr)
     start = time.perf_counter()
@@ -1071,7 +1200,7 @@ def main():
 
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
     print(header, end="", flush=True)
-    failed, written = 0, {}
+    failed, paths, owners = 0, [], {}  # owners: output file -> its input
     for path in map(Path, args.audio):
         found = [path]
         if path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav beside name.wav)
@@ -1080,18 +1209,23 @@ def main():
             print(f"error: {path}: no audio files ({' '.join(AUDIO_EXTENSIONS)})", file=sys.stderr)
             failed += 1
         for path in found:
-            try:
-                out = args.output_dir / (path.stem + SUFFIXES[args.output_format]) if args.output_dir else None
-                if out in written:
-                    raise ValueError(f"{path}: {out} is already the output of {written[out]}: rename one of them")
-                line = _format(_transcribe_file(model, tokenizer, path, args), args.output_format)
-                print(line, flush=True)
-                if out:
-                    out.write_text(header + line + "\n", encoding="utf-8")
-                    written[out] = path
-            except (OSError, ValueError) as e:
-                print(f"error: {e}", file=sys.stderr)
+            out = args.output_dir / (path.stem + SUFFIXES[args.output_format]) if args.output_dir else None
+            if out in owners:
+                print(f"error: {path}: {out} is already the output of {owners[out]}: rename one of them", file=sys.stderr)
                 failed += 1
+                continue
+            if out:
+                owners[out] = path
+            paths.append(path)
+    for path, record in _transcribe_files(model, tokenizer, paths, args):
+        if isinstance(record, Exception):
+            print(f"error: {record}", file=sys.stderr)
+            failed += 1
+            continue
+        line = _format(record, args.output_format)
+        print(line, flush=True)
+        if args.output_dir:
+            (args.output_dir / (path.stem + SUFFIXES[args.output_format])).write_text(header + line + "\n", encoding="utf-8")
     sys.exit(1 if failed else 0)
 
 
