@@ -172,6 +172,56 @@ def test_transcribe_path_and_waveform(loaded, case):
     assert g.transcribe(model, tokenizer, case["waveform"]) == case["decoded_text"]
 
 
+# ---- batches ----
+# Frame counts of the cuts (context 50, conv kernel 15, pooling 4, projector blocks of 15): under one block,
+# exactly one, a partial second, one frame into a third, the whole clip; plus the short clip.
+CUTS = (5000, 16000, 21937, 32320, None)
+TOL_BATCH = 1e-5  # a batch changes matrix shapes, so float32 sums may round differently, nothing more
+
+
+def test_batch_stages_equal_each_alone(loaded):
+    model, tokenizer = loaded
+    blank, W, rate = model.args.blank_token_id, model.args.encoder.bpe_pooling_window, model.args.projector.downsample_rate
+    full = g.load_audio(FIXTURE / "audio.wav")
+    clips = [full[:n] for n in CUTS] + [g.load_audio(FIXTURE / "audio_short.wav")]
+    features, lengths = g.log_mel_batch(clips)
+    bpe, audio = model.encode_batch(features, lengths)
+    alone = [model.encode(g.log_mel(clip)) for clip in clips]
+    assert lengths == [len(clip) // 320 for clip in clips] and len(set(lengths)) == len(clips)
+    hypotheses = []
+    for b, (clip, (bpe1, audio1)) in enumerate(zip(clips, alone)):
+        T = lengths[b]
+        assert_close(features[b, :T], np.array(g.log_mel(clip)), TOL_BATCH)
+        assert not np.array(features[b, T:]).any()  # padding is zeros
+        assert_close(bpe[b, : -(-T // W)], np.array(bpe1), TOL_BATCH)
+        assert_close(audio[b, : T // rate], np.array(audio1), TOL_BATCH)
+        hypotheses.append(g.ctc_collapse(mx.argmax(bpe1, axis=-1), blank))
+        assert g.ctc_collapse(mx.argmax(bpe[b, : -(-T // W)], axis=-1), blank) == hypotheses[-1]
+    assert len({len(h) for h in hypotheses}) > 2  # texts of several lengths: editor padding of several sizes
+    logits = model.edit_batch(audio, [T // rate for T in lengths], hypotheses)
+    for b, (hypothesis, (_, audio1)) in enumerate(zip(hypotheses, alone)):
+        logits1 = model.edit(audio1, hypothesis)
+        assert_close(logits[b], np.array(logits1), TOL_BATCH)
+        ids = g.ctc_collapse(mx.argmax(logits[b], axis=-1), blank)
+        assert ids == g.ctc_collapse(mx.argmax(logits1, axis=-1), blank)
+        assert tokenizer.decode(ids) == g.transcribe(model, tokenizer, clips[b])
+
+
+def test_transcribe_batch_equals_one_by_one(loaded):
+    model, tokenizer = loaded
+    full = g.load_audio(FIXTURE / "audio.wav")
+    audios = [full[:n] for n in CUTS] + [FIXTURE / "audio_short.wav", np.zeros(8000, np.float32), full[:1000]]
+    audios.append(np.concatenate([full, full[::-1], full]))  # 10.3 s: 3 windows of ~4 s below
+    expected = [g.transcribe(model, tokenizer, a, chunk_seconds=4, batch_size=1) for a in audios]
+    assert expected[-3:-1] == ["", ""] and len(set(expected)) >= 6  # silent, too short; the others differ
+    for batch_size in (3, 16):
+        assert g.transcribe_batch(model, tokenizer, audios, batch_size=batch_size, chunk_seconds=4) == expected
+    windows = list(g.transcribe_stream(model, tokenizer, audios, batch_size=4, chunk_seconds=4))
+    assert [w.index for w in windows][:4] == [7, 0, 5, 6]  # shortest first: 1000, 5000, 6815, 8000 samples
+    assert sum(w.last for w in windows) == len(audios) and len(windows) == len(audios) + 2
+    assert sum(w.seconds for w in windows if w.index == 8) == pytest.approx(3 * len(full) / 16000)
+
+
 # ---- reduced precision ----
 
 

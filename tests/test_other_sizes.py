@@ -334,3 +334,24 @@ def test_cases_exercise_the_edges(built):
         assert ref["encoder_hidden_states"].shape == (ec["num_layers"] + 1, T, ec["hidden_dim"]), tag
         assert len(ref["editor_input_ids"]) == max(2 * len(ref["encoder_preds"]) + 1, cfg["min_edit_sequence_length"])
     assert any(len(r["encoder_preds"]) > 0 for r in built["refs"]), "every hypothesis is empty"
+
+
+def test_one_padded_batch_matches_the_reference_per_sample(built):
+    """The configuration's waves as one batch (padded to the longest: partial attention blocks, convolution
+    edges, pooling windows and projector blocks of every length): each sample's stages are the reference's
+    for that sample alone."""
+    model, cfg, refs = built["model"], built["cfg"], built["refs"]
+    W, rate = cfg["encoder_config"]["bpe_pooling_window"], cfg["projector_config"]["downsample_rate"]
+    features, lengths = granite_nar.log_mel_batch(built["waves"])
+    bpe, audio = model.encode_batch(features, lengths)
+    A = max(len(ref["audio_embeds"]) for ref in refs)
+    ref_audio = np.stack([np.pad(r["audio_embeds"], [(0, A - len(r["audio_embeds"])), (0, 0)]) for r in refs])
+    ref_audio[0, len(refs[0]["audio_embeds"]) :] = 1e3  # what padding holds must not matter
+    logits = model.edit_batch(mx.array(ref_audio.astype(np.float32)), [len(r["audio_embeds"]) for r in refs],
+                              [r["encoder_preds"].tolist() for r in refs])  # fmt: skip
+    for b, (tag, _, ref) in enumerate(each(built)):
+        T = lengths[b]
+        close(f"{tag} batched input_features", features[b, :T], ref["input_features"])
+        close(f"{tag} batched encoder_bpe_logits", bpe[b, : -(-T // W)], ref["encoder_bpe_logits"])
+        close(f"{tag} batched audio_embeds", audio[b, : T // rate], ref["audio_embeds"])
+        close(f"{tag} batched editor_text_logits", logits[b], ref["editor_text_logits"])
