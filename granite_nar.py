@@ -80,6 +80,10 @@ CHUNK_SECONDS = 30.0  # windows of about this length; one pass over minutes of a
 CUT_SEARCH_SECONDS = 5.0  # each cut goes to the quietest 20 ms within this much of the nominal window end
 BATCH_SIZE = 8  # windows transcribed together
 MAX_TRACES = 32  # compiled shapes kept per pass (ShapeCompiled)
+# On a GPU a pass takes ~25 ms and tracing a new shape for mx.compile ~100 ms, so inputs are padded up to a
+# multiple of these (masked: the results do not change) and traces get reused; on a CPU a pass takes seconds
+# and padding would cost more than tracing.
+GPU_FRAME_STEP, GPU_ROW_STEP = 50, 16  # encoder frames (1 s), editor rows
 
 
 # ---- config ----
@@ -735,6 +739,10 @@ class GraniteEditor(nn.Module):
 # ---- the model ----
 
 
+def _step(gpu_step):
+    return gpu_step if mx.default_device() == mx.gpu else 1
+
+
 class GraniteNAR(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -751,13 +759,15 @@ class GraniteNAR(nn.Module):
 
     def encode(self, features):
         """(T, 160) -> BPE CTC logits (ceil(T / W), vocab), audio embeddings (T // downsample_rate, llm_dim)."""
-        bpe_logits, audio_embeds = self.encode_batch(features[None], [features.shape[0]])
-        return bpe_logits[0], audio_embeds[0]
+        T = features.shape[0]
+        bpe_logits, audio_embeds = self.encode_batch(features[None], [T])
+        return bpe_logits[0, : -(-T // self.args.encoder.bpe_pooling_window)], audio_embeds[0, : T // self.args.projector.downsample_rate]
 
     def encode_batch(self, features, lengths):
         """(B, T, 160) features, real frames T_b per sample (the rest padding) -> BPE CTC logits (B, ceil(T / W),
         vocab) and audio embeddings (B, T // downsample_rate, llm_dim); sample b's are its first ceil(T_b / W)
         and T_b // downsample_rate rows, as encode() gives them for its features alone."""
+        features = mx.pad(features, [(0, 0), (0, -features.shape[1] % _step(GPU_FRAME_STEP)), (0, 0)])
         T = features.shape[1]
         mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
         return self._encode(features.astype(self.dtype), mask)
@@ -783,6 +793,7 @@ class GraniteNAR(nn.Module):
         slots = [insert_slots(ids, blank, self.args.min_edit_sequence_length) for ids in hypotheses]
         lengths = [a + len(s) for a, s in zip(audio_lengths, slots)]
         B, S = len(slots), max(*lengths, audio_embeds.shape[1])
+        S += -S % _step(GPU_ROW_STEP)
         token_ids = np.full((B, S), blank, np.int32)
         for b, (a, s) in enumerate(zip(audio_lengths, slots)):
             token_ids[b, a : a + len(s)] = s

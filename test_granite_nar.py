@@ -207,6 +207,17 @@ def test_batch_stages_equal_each_alone(loaded):
         assert tokenizer.decode(ids) == g.transcribe(model, tokenizer, clips[b])
 
 
+def test_gpu_shape_padding_changes_nothing(loaded, case, monkeypatch):
+    """On a GPU, encoder inputs are padded to whole seconds and editor rows to multiples of 16: on the CPU too here."""
+    monkeypatch.setattr(g, "_step", lambda gpu_step: gpu_step)
+    model, tokenizer = loaded
+    bpe_logits, audio_embeds = model.encode(mx.array(case["input_features"]))
+    assert_close(bpe_logits, case["encoder_bpe_logits"])
+    assert_close(audio_embeds, case["audio_embeds"])
+    assert_close(model.edit(mx.array(case["audio_embeds"]), case["encoder_preds"].tolist()), case["editor_text_logits"])
+    assert g.transcribe(model, tokenizer, case["waveform"]) == case["decoded_text"]
+
+
 def test_transcribe_batch_equals_one_by_one(loaded):
     model, tokenizer = loaded
     full = g.load_audio(FIXTURE / "audio.wav")
