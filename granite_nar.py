@@ -79,7 +79,7 @@ SILENCE_PEAK = 1e-4  # -80 dBFS, ~3 LSB of 16-bit audio: a window whose peak is 
 CHUNK_SECONDS = 30.0  # windows of about this length; one pass over minutes of audio degrades badly
 CUT_SEARCH_SECONDS = 5.0  # each cut goes to the quietest 20 ms within this much of the nominal window end
 BATCH_SIZE = 8  # windows transcribed together
-MAX_TRACES = 32  # compiled shapes kept per pass (ShapeCompiled)
+MAX_TRACES = 8  # compiled shapes kept per pass (ShapeCompiled); sorted batches reuse the latest ones
 # On a GPU a pass takes ~25 ms and tracing a new shape for mx.compile ~100 ms, so inputs are padded up to a
 # multiple of these (masked: the results do not change) and traces get reused; on a CPU a pass takes seconds
 # and padding would cost more than tracing.
