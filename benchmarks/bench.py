@@ -1,6 +1,7 @@
 """End-to-end speed of granite_nar.py, optionally beside mlx-audio's granite_speech_nar on the same weights.
 
     python benchmarks/bench.py --model DIR --seconds 5 25 60 --reps 5 [--hyp-tokens K] [--peer]
+    python benchmarks/bench.py --model DIR --clips 256 --batch-sizes 1 8 32 128
 
 DIR is a convert.py output (make a full-size one with make_random_checkpoint.py). Each case times
 waveform -> text after a warm-up and prints one JSON line. Random weights make the encoder's
@@ -9,6 +10,10 @@ tokens (default round(2.8 x seconds), about the real model's rate). Per-stage se
 separate pass that evaluates after every stage.
 
 peak_mem_gb is the process's: with --peer it includes mlx-audio's copy of the weights.
+
+--clips N switches to throughput: N clips of LibriSpeech-like lengths, transcribed --batch-sizes at a time
+(shortest first, as transcribe_stream does); one line per batch size with the real-time factor of a
+second pass over all clips (and of the first, which traces each new shape) and its peak memory.
 
 --peer also runs mlx-audio (pip install mlx-audio in a separate environment; it is not a
 dependency of this project), converted to its layout in a temporary directory and cast to the
@@ -79,6 +84,49 @@ def ours_stages(model, tokenizer, waveform, hypothesis):
     return seconds
 
 
+def librispeech_like_lengths(n, seed=0):
+    """n clip lengths in seconds, log-normal like LibriSpeech test-clean utterances: 2 to 35 s, mean ~7 s."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(5.5), 0.65, n), 2.0, 35.0).round(2)
+
+
+def ours_batches(model, tokenizer, waveforms, batch_size):
+    """transcribe_stream's work on these clips (shortest first, batch_size at a time), each clip's hypothesis
+    replaced by round(2.8 x seconds) fixed tokens as in the batch-1 cases."""
+    blank, W = model.args.blank_token_id, model.args.encoder.bpe_pooling_window
+    rate = model.args.projector.downsample_rate
+    order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
+    for start in range(0, len(order), batch_size):
+        batch = [waveforms[i] for i in order[start : start + batch_size]]
+        features, lengths = g.log_mel_batch(batch)
+        bpe_logits, audio_embeds = model.encode_batch(features, lengths)
+        best = np.array(mx.argmax(bpe_logits, axis=-1))
+        [g.ctc_collapse(row[: -(-T // W)], blank) for row, T in zip(best, lengths)]  # the hypotheses transcribe would use
+        hypotheses = [[1000 + 7 * i % 5000 for i in range(round(2.8 * len(w) / g.SAMPLE_RATE))] for w in batch]
+        best = [mx.argmax(logits, axis=-1) for logits in model.edit_batch(audio_embeds, [T // rate for T in lengths], hypotheses)]
+        mx.eval(best)
+        [tokenizer.decode(g.ctc_collapse(ids, blank)) for ids in best]
+
+
+def throughput(model, tokenizer, args, common):
+    """One JSON line per batch size: the clips' audio seconds over the wall time of a pass over all of them."""
+    lengths = librispeech_like_lengths(args.clips)
+    waveforms = [synthetic_audio(seconds, seed=i) for i, seconds in enumerate(lengths)]
+    for batch_size in args.batch_sizes:
+        tic = time.perf_counter()
+        ours_batches(model, tokenizer, waveforms, batch_size)  # first pass: traces each new shape
+        first = time.perf_counter() - tic
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        ours_batches(model, tokenizer, waveforms, batch_size)
+        wall = time.perf_counter() - tic
+        row = {"impl": "granite_nar", **common, "mode": "throughput", "batch_size": batch_size, "clips": len(waveforms),
+               "seconds_audio": round(float(lengths.sum()), 1), "mean_clip_s": round(float(lengths.mean()), 2),
+               "wall_s": round(wall, 3), "rtf_x": round(float(lengths.sum()) / wall, 1),
+               "first_pass_rtf_x": round(float(lengths.sum()) / first, 1), "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3)}  # fmt: skip
+        print(json.dumps(row), flush=True)
+
+
 def peer(model, waveform, hypothesis):
     """mlx-audio's Model._transcribe_tokens with its hypothesis replaced by ours (same calls otherwise)."""
     from mlx_audio.stt.models.granite_speech_nar.decoding import add_insertion_slots, ctc_collapse_decode
@@ -118,6 +166,8 @@ def main():
     parser.add_argument("--hyp-tokens", type=int, help="hypothesis length (default: round(2.8 x seconds))")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: granite_nar's)")
     parser.add_argument("--peer", action="store_true", help="also time mlx-audio on the same weights")
+    parser.add_argument("--clips", type=int, help="time throughput instead, over this many LibriSpeech-like clips (2-35 s, mean ~7 s)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128], help="throughput: the batch sizes to time")
     args = parser.parse_args()
 
     model, tokenizer = g.load(args.model, getattr(mx, args.dtype) if args.dtype else None)
@@ -129,6 +179,8 @@ def main():
         "bits": quantization["bits"] if quantization else None,
         "weights_gb": weights_gb,
     }
+    if args.clips:
+        return throughput(model, tokenizer, args, common)
     if args.peer:
         from mlx_audio.stt import load as peer_load
 

@@ -36,6 +36,16 @@ def test_bench_prints_one_json_line_per_case(small_model):
         assert set(row["stages_s"]) == {"log_mel", "encoder", "projector", "editor", "decode"}
 
 
+def test_bench_throughput_prints_one_line_per_batch_size(small_model):
+    lines = run("benchmarks/bench.py", "--model", small_model, "--clips", "5", "--batch-sizes", "1", "4").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["batch_size"] for r in rows] == [1, 4] and all(r["mode"] == "throughput" and r["clips"] == 5 for r in rows)
+    assert rows[0]["seconds_audio"] == rows[1]["seconds_audio"] > 10  # the same clips, 2 to 35 s each
+    for row in rows:
+        assert row["rtf_x"] == pytest.approx(row["seconds_audio"] / row["wall_s"], rel=0.01)
+        assert row["first_pass_rtf_x"] > 0 and row["peak_mem_gb"] >= row["weights_gb"] > 0
+
+
 def test_fidelity_reports_granite_nar_exact():
     rows = [json.loads(line) for line in run("benchmarks/fidelity.py").splitlines() if line.startswith("{")]
     ours = [r for r in rows if r["impl"] == "granite_nar"]
