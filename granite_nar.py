@@ -11,7 +11,8 @@ The editor reads the hypothesis with a blank slot around every token and rewrite
 once, so a transcript costs one encoder pass and one editor pass, whatever its length.
 
 Audio of any length, rate and channel count is read in blocks, mixed to mono, resampled to 16 kHz and
-cut into windows of about 30 s at quiet points; each window is transcribed on its own.
+cut into windows of about 30 s at quiet points; each window is transcribed on its own, several windows
+(of one file or many) in one padded, masked batch.
 
 Usage:
     python convert.py --hf-path ibm-granite/checkpoint-dir --mlx-path granite_nar_mlx
