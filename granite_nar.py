@@ -760,9 +760,9 @@ class GraniteNAR(nn.Module):
 
     def encode(self, features):
         """(T, 160) -> BPE CTC logits (ceil(T / W), vocab), audio embeddings (T // downsample_rate, llm_dim)."""
-        T = features.shape[0]
+        T, W, rate = features.shape[0], self.args.encoder.bpe_pooling_window, self.args.projector.downsample_rate
         bpe_logits, audio_embeds = self.encode_batch(features[None], [T])
-        return bpe_logits[0, : -(-T // self.args.encoder.bpe_pooling_window)], audio_embeds[0, : T // self.args.projector.downsample_rate]
+        return bpe_logits[0, : -(-T // W)], audio_embeds[0, : T // rate]
 
     def encode_batch(self, features, lengths):
         """(B, T, 160) features, real frames T_b per sample (the rest padding) -> BPE CTC logits (B, ceil(T / W),
@@ -799,8 +799,11 @@ class GraniteNAR(nn.Module):
         for b, (a, s) in enumerate(zip(audio_lengths, slots)):
             token_ids[b, a : a + len(s)] = s
         text_rows = np.concatenate([b * S + np.arange(a, n) for b, (a, n) in enumerate(zip(audio_lengths, lengths))])
-        mask = None if min(lengths) == S else mx.array(np.where(np.arange(S) < np.c_[lengths], 0, -np.inf)[:, None, None], self.dtype)
-        logits = self._edit(audio_embeds.astype(self.dtype), mx.array(token_ids), mx.array(audio_lengths), mask, mx.array(text_rows))
+        mask = None  # additive, over keys: (B, 1, 1, S)
+        if min(lengths) < S:
+            mask = mx.array(np.where(np.arange(S) < np.array(lengths)[:, None], 0, -np.inf)[:, None, None], self.dtype)
+        inputs = (audio_embeds.astype(self.dtype), mx.array(token_ids), mx.array(audio_lengths), mask, mx.array(text_rows))
+        logits = self._edit(*inputs)
         return mx.split(logits, np.cumsum([len(s) for s in slots])[:-1].tolist())
 
     def _edit_graph(self, audio_embeds, token_ids, audio_lengths, mask, text_rows):
@@ -1055,6 +1058,7 @@ class WindowText:
     text: str
     last: bool  # the audio's last window
     elapsed: float  # its share of its batch's processing seconds (by length)
+    audio_seconds: float  # the whole audio's length (for files: the header's, before resampling)
 
 
 def _duration(audio, sample_rate):
@@ -1092,14 +1096,15 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
     finishes; an audio's windows come in order. Reading errors raise, or are stored in `errors` by index."""
     if editing_steps < 1 or batch_size < 1:
         raise ValueError(f"editing_steps and batch_size must be at least 1, got {editing_steps} and {batch_size}")
-    order = sorted(range(len(audios)), key=lambda i: _duration(audios[i], sample_rate))
+    durations = [_duration(audio, sample_rate) for audio in audios]
+    order = sorted(range(len(audios)), key=durations.__getitem__)
     windows = _all_windows(audios, order, sample_rate, chunk_seconds, errors)
     while batch := list(itertools.islice(windows, batch_size)):
         start = time.perf_counter()
         texts = transcribe_waveforms(model, tokenizer, [w for _, w, _ in batch], editing_steps, timings)
         share = (time.perf_counter() - start) / sum(len(w) for _, w, _ in batch)
         for (i, window, last), text in zip(batch, texts):
-            yield WindowText(i, len(window) / SAMPLE_RATE, text, last, share * len(window))
+            yield WindowText(i, len(window) / SAMPLE_RATE, text, last, share * len(window), durations[i])
 
 
 def join_windows(texts):
@@ -1142,31 +1147,35 @@ SUFFIXES = {"text": ".txt", "json": ".json", "tsv": ".tsv"}
 def _transcribe_files(model, tokenizer, paths, args):
     """Yield (path, record (COLUMNS) or the error it raised) per file, in input order, as soon as it and the files
     before it are done. All are transcribed together, in batches; progress for long files on stderr."""
-    errors, timings, start = {}, Counter(), time.perf_counter()
-    texts, seconds, elapsed = [[] for _ in paths], [0.0] * len(paths), [0.0] * len(paths)
-    durations = [_duration(path, None) for path in paths]
-    tty, done, n_out, n_windows = sys.stderr.isatty(), set(), 0, 0
-    stream = transcribe_stream(model, tokenizer, paths, None, args.batch_size, args.chunk_seconds, args.editing_steps, timings, errors)
-    for window in itertools.chain(stream, [None]):  # None: the end
-        if window:
-            i, n_windows = window.index, n_windows + 1
-            texts[i].append(window.text)
-            seconds[i] += window.seconds
-            elapsed[i] += window.elapsed
-            done.update([i] if window.last else [])
-            if not args.quiet and durations[i] > args.chunk_seconds:  # one line per window, rewritten in a terminal
-                end = "\n" if window.last or not tty else "\r"
-                print(f"{paths[i]}: {seconds[i]:.0f} of {durations[i]:.0f} s", end=end, file=sys.stderr, flush=True)
-        done.update(errors)
-        while n_out < len(paths) and (n_out in done or window is None):
-            i, n_out = n_out, n_out + 1
-            values = (str(paths[i]), join_windows(texts[i]), round(seconds[i], 3), round(elapsed[i], 3), round(elapsed[i] / max(seconds[i], 1e-9), 4))
-            yield paths[i], errors.get(i) or dict(zip(COLUMNS, values))
+    errors, timings, start, tty = {}, Counter(), time.perf_counter(), sys.stderr.isatty()
+    windows, n_out = [[] for _ in paths], 0  # each file's WindowTexts so far; records yielded
+
+    def record(i):
+        if i in errors:
+            return errors[i]
+        seconds, elapsed = sum(w.seconds for w in windows[i]), sum(w.elapsed for w in windows[i])
+        text = join_windows([w.text for w in windows[i]])
+        return dict(zip(COLUMNS, (str(paths[i]), text, round(seconds, 3), round(elapsed, 3), round(elapsed / seconds, 4))))
+
+    for window in transcribe_stream(model, tokenizer, paths, None, args.batch_size, args.chunk_seconds,
+                                    args.editing_steps, timings, errors):  # fmt: skip
+        i = window.index
+        windows[i].append(window)
+        if not args.quiet and window.audio_seconds > args.chunk_seconds:  # a line per window, rewritten in a terminal
+            done = sum(w.seconds for w in windows[i])
+            end = "\n" if window.last or not tty else "\r"
+            print(f"{paths[i]}: {done:.0f} of {window.audio_seconds:.0f} s", end=end, file=sys.stderr, flush=True)
+        while n_out < len(paths) and (n_out in errors or windows[n_out] and windows[n_out][-1].last):
+            yield paths[n_out], record(n_out)
+            n_out += 1
+    for i in range(n_out, len(paths)):  # files that failed after the last window came
+        yield paths[i], record(i)
     if args.verbose:
         total = time.perf_counter() - start
         timings["audio and decoding"] = total - sum(timings.values())
         stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in timings.items())
-        print(f"{len(paths)} file(s), {n_windows} window(s) in batches of up to {args.batch_size}; {stages}; total {total:.2f} s", file=sys.stderr)
+        batches = f"{sum(map(len, windows))} window(s) in batches of up to {args.batch_size}"
+        print(f"{len(paths)} file(s), {batches}; {stages}; total {total:.2f} s", file=sys.stderr)
 
 
 def _format(record, output_format):
