@@ -81,10 +81,11 @@ CHUNK_SECONDS = 30.0  # windows of about this length; one pass over minutes of a
 CUT_SEARCH_SECONDS = 5.0  # each cut goes to the quietest 20 ms within this much of the nominal window end
 BATCH_SIZE = 8  # windows transcribed together
 MAX_TRACES = 8  # compiled shapes kept per pass (ShapeCompiled); sorted batches reuse the latest ones
-# On a GPU a pass takes ~25 ms and tracing a new shape for mx.compile ~100 ms, so inputs are padded up to a
-# multiple of these (masked: the results do not change) and traces get reused; on a CPU a pass takes seconds
-# and padding would cost more than tracing.
-GPU_FRAME_STEP, GPU_ROW_STEP = 50, 16  # encoder frames (1 s), editor rows
+# On a GPU a pass takes ~25 ms and tracing a new shape for mx.compile ~100 ms, so inputs are padded (masked: the
+# results do not change) and traces get reused: encoder frames to whole attention blocks (context_size, 4 s),
+# which also spares every layer its block padding, editor rows to a multiple of GPU_ROW_STEP. On a CPU a pass
+# takes seconds and padding would cost more than tracing.
+GPU_ROW_STEP = 16
 
 
 # ---- config ----
@@ -446,6 +447,11 @@ def attention(q, k, v, scale, mask=None):
     return (_cpu_softmax(scores) @ v[:, :, None]).reshape(B, H, L, d)
 
 
+def pad_rows(x, n):
+    """(B, T, ...) -> (B, n, ...): zero rows after row T (x itself when T == n)."""
+    return x if x.shape[1] == n else mx.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
 def zero_padding(x, mask):
     """(B, T, ...) -> rows past each sample's length set to zero; mask: (B, T), True on real rows (None: all)."""
     return x if mask is None else mx.where(mask.reshape(*mask.shape, *[1] * (x.ndim - 2)), x, 0)
@@ -480,29 +486,28 @@ class ConformerAttention(nn.Module):
         self.to_out = nn.Linear(inner, args.hidden_dim)
         self.rel_pos_emb = nn.Embedding(2 * args.max_pos_emb + 1, args.dim_head)
 
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None):  # (B, T, D), mask (B, T) True on real frames -> (B, T, D)
         B, T, _ = x.shape
-        C, H = self.context_size, self.num_heads
+        C, H, M = self.context_size, self.num_heads, self.max_pos_emb
         n_blocks = -(-T // C)
-        h = zero_padding(self.pre_norm(x), mask)
-        q = self.to_q(h)
-        k, v = mx.split(self.to_kv(h), 2, axis=-1)
-        # Upstream pads with zero rows after the norm; without biases they project to zeros, so pad here.
-        # (B, T, H * d) -> (B, n_blocks, H, C, d)
-        q, k, v = (mx.pad(a, [(0, 0), (0, n_blocks * C - T), (0, 0)]) for a in (q, k, v))
-        q, k, v = (a.reshape(B, n_blocks, C, H, -1).transpose(0, 1, 3, 2, 4) for a in (q, k, v))
+        h = self.pre_norm(x)
+        q, kv = self.to_q(h), self.to_kv(h)
+        # upstream pads with zero rows after the norm; without biases they project to zeros
+        q = pad_rows(q, n_blocks * C).reshape(B, n_blocks, C, H, -1)
+        k, v = mx.split(pad_rows(kv, n_blocks * C).reshape(B, n_blocks, C, 2, H, -1), 2, axis=3)
 
-        # Shaw position term, scores[c, r] += scale * q_c . rel_pos_emb[c - r + max_pos_emb]
-        pos = mx.arange(C)
-        rel = self.rel_pos_emb(pos[:, None] - pos[None, :] + self.max_pos_emb)  # (C, C, d)
-        bias = mx.einsum("bnhcd,crd->bnhcr", q, rel) * self.scale
-        # Padded frames: the position term is replaced by -max (as upstream does for the last block's)
-        real = mx.arange(n_blocks * C) < T if mask is None else mx.pad(mask, [(0, 0), (0, n_blocks * C - T)])
-        real = real.reshape(-1, n_blocks, 1, C)
-        real = real[..., :, None] & real[..., None, :]  # (B or 1, n_blocks, 1, C, C)
-        bias = mx.where(real, bias, mx.finfo(bias.dtype).min)
+        # Shaw position term, scores[c, r] += scale * q_c . rel_pos_emb[c - r + M]: q against each distance
+        # -(C-1)..C-1 in one matmul, then each (c, r) picks its distance
+        distances = self.rel_pos_emb.weight[M - C + 1 : M + C]  # (2C - 1, d)
+        by_distance = (q @ distances.T).transpose(0, 1, 3, 2, 4)  # (B, n_blocks, H, C, 2C - 1)
+        pick = mx.array(np.subtract.outer(np.arange(C), np.arange(C)) + C - 1)  # (C, C): c - r + C - 1
+        bias = mx.take_along_axis(by_distance, pick[None, None, None], axis=-1) * self.scale  # (B, n_blocks, H, C, C)
+        if mask is not None or n_blocks * C > T:  # padded frames: the position term is -max (upstream: last block)
+            real = mx.array(np.arange(n_blocks * C) < T)[None] if mask is None else pad_rows(mask, n_blocks * C)
+            real = real.reshape(-1, n_blocks, 1, C)
+            bias = mx.where(real[..., :, None] & real[..., None, :], bias, mx.finfo(bias.dtype).min)
 
-        q, k, v = (a.reshape(B * n_blocks, H, C, -1) for a in (q, k, v))
+        q, k, v = (a.reshape(B, n_blocks, C, H, -1).transpose(0, 1, 3, 2, 4).reshape(B * n_blocks, H, C, -1) for a in (q, k, v))
         out = attention(q, k, v, self.scale, mask=bias.reshape(B * n_blocks, H, C, C))
         out = out.reshape(B, n_blocks, H, C, -1).transpose(0, 1, 3, 2, 4).reshape(B, n_blocks * C, -1)
         return self.to_out(out[:, :T])
@@ -522,14 +527,20 @@ class ConformerConvModule(nn.Module):
     def __call__(self, x, mask=None):  # (B, T, D) -> (B, T, D), over the whole utterance
         value, gate = mx.split(self.up_conv(self.norm(x)), 2, axis=-1)  # GLU over channels
         h = zero_padding(value * sigmoid(gate), mask)  # the convolution reads zeros past the end
-        h = _depthwise_conv(mx.pad(h, [(0, 0), self.padding, (0, 0)]), self.depth_conv.weight)
+        h = _depthwise_conv(h, self.depth_conv.weight, self.padding)
         return self.down_conv(silu(self.batch_norm(h)))
 
 
+def _depthwise_conv(x, weight, padding):
+    """(B, T, C) * (C, K, 1) with (left, right) zero padding -> (B, T, C). MLX's grouped conv on a GPU; on the CPU,
+    where that is 4x slower, K shifted multiply-adds."""
+    if mx.default_device() == mx.gpu:
+        return mx.conv_general(x, weight, padding=([padding[0]], [padding[1]]), groups=x.shape[-1])
+    return _shifted_sum(mx.pad(x, [(0, 0), padding, (0, 0)]), weight)
+
+
 @mx.compile
-def _depthwise_conv(x, weight):
-    """(B, T + K - 1, C) * (C, K, 1) -> (B, T, C): K shifted multiply-adds, fused into one kernel
-    (4x faster than MLX's grouped conv1d on the CPU)."""
+def _shifted_sum(x, weight):  # (B, T + K - 1, C), (C, K, 1) -> (B, T, C)
     K = weight.shape[1]
     T = x.shape[1] - K + 1
     return sum(x[:, k : k + T] * weight[:, k, 0] for k in range(K))
@@ -581,9 +592,9 @@ class ConformerEncoder(nn.Module):
         (B, T, D), (B, T) -> (B, ceil(T/W), D); padded frames weigh 0."""
         B, T, D = x.shape
         W = self.args.bpe_pooling_window
-        pad = -T % W
-        x = mx.pad(x, [(0, 0), (0, pad), (0, 0)]).reshape(B, -1, W, D)
-        importance = mx.pad(importance, [(0, 0), (0, pad)]).reshape(B, -1, W, 1)
+        n = -(-T // W) * W
+        x = pad_rows(x, n).reshape(B, -1, W, D)
+        importance = pad_rows(importance, n).reshape(B, -1, W, 1)
         weights = importance / (importance.sum(axis=2, keepdims=True) + 1e-8)
         return (weights * x).sum(axis=2)
 
@@ -657,7 +668,7 @@ class QFormerProjector(nn.Module):
         x = mx.concatenate([norm(s) for norm, s in zip(self.layer_norms, slices)], axis=-1)
         x = zero_padding(nn.gelu(self.layer_projector(x)), mask)  # exact (erf) GELU
         n_blocks = -(-T // block)
-        x = mx.pad(x, [(0, 0), (0, n_blocks * block - T), (0, 0)])  # padding: zero rows after the GELU
+        x = pad_rows(x, n_blocks * block)  # padding: zero rows after the GELU
         x = x.reshape(B * n_blocks, block, -1)  # (N, block, H)
         query = self.query + x.reshape(B * n_blocks, block // rate, rate, -1).mean(axis=2)  # (N, q, H)
         kv = x + self.window_positions  # padded rows included, no mask
@@ -675,18 +686,16 @@ class EditorAttention(nn.Module):
         dim, self.n_heads, self.n_kv_heads = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
         head_dim = dim // self.n_heads
         self.scale = args.attention_multiplier  # Granite scales scores by this, not 1/sqrt(head_dim)
-        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.qkv_proj = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * head_dim, bias=False)  # q, k, v_proj
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
         self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)  # rotates halves
 
     def __call__(self, x, mask=None):  # (B, S, hidden) -> (B, S, hidden)
         B, S, _ = x.shape
-        q = self.q_proj(x).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = self.rope(q), self.rope(k)  # positions 0..S-1 over [audio | text]
+        H, H_kv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).reshape(B, S, H + 2 * H_kv, -1).transpose(0, 2, 1, 3)  # (B, H + 2 H_kv, S, d)
+        qk = self.rope(qkv[:, : H + H_kv])  # queries and keys, positions 0..S-1 over [audio | text]
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]
         out = attention(q, k, v, self.scale, mask)  # bidirectional: the mask only hides padding
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
@@ -694,12 +703,12 @@ class EditorAttention(nn.Module):
 class EditorMLP(nn.Module):
     def __init__(self, args: EditorArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)  # gate_proj, up_proj
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(silu(gate) * up)
 
 
 class EditorLayer(nn.Module):
@@ -768,7 +777,8 @@ class GraniteNAR(nn.Module):
         """(B, T, 160) features, real frames T_b per sample (the rest padding) -> BPE CTC logits (B, ceil(T / W),
         vocab) and audio embeddings (B, T // downsample_rate, llm_dim); sample b's are its first ceil(T_b / W)
         and T_b // downsample_rate rows, as encode() gives them for its features alone."""
-        features = mx.pad(features, [(0, 0), (0, -features.shape[1] % _step(GPU_FRAME_STEP)), (0, 0)])
+        step = _step(self.args.encoder.context_size)  # whole attention blocks: no padding inside the layers
+        features = pad_rows(features, -(-features.shape[1] // step) * step)
         T = features.shape[1]
         mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
         return self._encode(features.astype(self.dtype), mask)
@@ -808,7 +818,7 @@ class GraniteNAR(nn.Module):
 
     def _edit_graph(self, audio_embeds, token_ids, audio_lengths, mask, text_rows):
         B, S = token_ids.shape
-        audio = mx.pad(audio_embeds, [(0, 0), (0, S - audio_embeds.shape[1]), (0, 0)])
+        audio = pad_rows(audio_embeds, S)
         is_audio = (mx.arange(S) < audio_lengths[:, None])[..., None]
         inputs_embeds = mx.where(is_audio, audio, self.editor.embed_tokens(token_ids))  # (B, S, hidden)
         hidden = self.editor(inputs_embeds, mask)
@@ -895,6 +905,12 @@ RENAMES = (
     (".depth_conv.conv.", ".depth_conv."),
     (".conv.bn.", ".conv.batch_norm."),
 )
+# Projections of one input run as one matmul (a GPU pass costs per kernel): their tensors are stacked along
+# the output dimension, in this order, under the fused name.
+FUSED = (
+    (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.", ".self_attn.qkv_proj."),
+    (".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.gate_up_proj."),
+)
 
 
 def sanitize(weights):
@@ -910,6 +926,11 @@ def sanitize(weights):
         elif key.endswith("depth_conv.weight"):
             value = value.reshape(value.shape[0], -1, 1)  # (C, 1, K) or MLX (C, K, 1) -> MLX (C, K, 1)
         out[key] = value
+    for *parts, fused in FUSED:  # stack the projections that read one input (quantized ones too: scales, biases)
+        for key in [k for k in out if parts[0] in k]:
+            names = [key.replace(parts[0], part) for part in parts]
+            if all(name in out for name in names):
+                out[key.replace(parts[0], fused)] = mx.concatenate([out.pop(name) for name in names])
     return out
 
 

@@ -1,12 +1,18 @@
-"""Is a GPU pass bound by the host (building and launching kernels) or by the GPU? For each pass of a
-24.9 s clip: the seconds until mx.async_eval returns (the host has built the graph and launched every
-kernel) and until the results are ready.
+"""Is a GPU pass bound by the host (building and launching kernels) or by the GPU, and what does it hold
+in memory? For each pass (log-mel, encode, edit) of a clip, one JSON line: the milliseconds until
+mx.async_eval returns (the host has built the graph and launched every kernel) and until the results
+are ready, the primitives in its graph (kernels, views included), and its peak memory above what was
+allocated before it.
 
-    python benchmarks/gpu_overhead.py FULL_SIZE_MODEL_DIR
+    python benchmarks/gpu_overhead.py FULL_SIZE_MODEL_DIR [--seconds 24.9 60]
 """
+import argparse
+import collections
 import json
+import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,9 +21,11 @@ import granite_nar as g  # noqa: E402  (loads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 from bench import synthetic_audio  # noqa: E402
 
+VIEWS = {"Reshape", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten", "Split", "Slice", "Transpose"}
+
 
 def split_times(run, reps=20):
-    """Median seconds to launch and to finish run()'s outputs, after a warm-up."""
+    """Median milliseconds to launch and to finish run()'s outputs, after a warm-up."""
     launched, finished = [], []
     for i in range(reps + 3):
         tic = time.perf_counter()
@@ -31,19 +39,48 @@ def split_times(run, reps=20):
     return round(1e3 * statistics.median(launched), 2), round(1e3 * statistics.median(finished), 2)
 
 
+def primitives(outputs):
+    """Primitive nodes in the graph that computes `outputs`: all, without views, and the most frequent kernels."""
+    outputs = [outputs] if isinstance(outputs, mx.array) else outputs
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        labels = re.findall(r'label ="([^"]*)", shape=rectangle', f.read())
+    counts = collections.Counter(labels)
+    kernels = collections.Counter({name[:60]: n for name, n in counts.items() if name not in VIEWS})
+    return sum(counts.values()), sum(kernels.values()), dict(kernels.most_common(15))
+
+
+def peak_above(run):
+    """GB allocated at the peak of run() beyond what was allocated before it."""
+    mx.synchronize()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(run())
+    return round((mx.get_peak_memory() - before) / 1e9, 3)
+
+
 def main():
-    model, _ = g.load(sys.argv[1])
-    features = g.log_mel(synthetic_audio(24.9))
-    _, audio_embeds = model.encode(features)
-    hypothesis = [1000 + 7 * i % 5000 for i in range(70)]
-    passes = {
-        "log_mel": lambda: g.log_mel(synthetic_audio(24.9)),
-        "encode": lambda: model.encode(features),
-        "edit": lambda: model.edit(audio_embeds, hypothesis),
-    }
-    for name, run in passes.items():
-        launch_ms, total_ms = split_times(run)
-        print(json.dumps({"pass": name, "launch_ms": launch_ms, "total_ms": total_ms}), flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[24.9])
+    args = parser.parse_args()
+    model, _ = g.load(args.model)
+    for seconds in args.seconds:
+        waveform = synthetic_audio(seconds)
+        features = g.log_mel(waveform)
+        _, audio_embeds = model.encode(features)
+        hypothesis = [1000 + 7 * i % 5000 for i in range(round(2.8 * seconds))]
+        passes = {
+            "log_mel": lambda: g.log_mel(waveform),
+            "encode": lambda: model.encode(features),
+            "edit": lambda: model.edit(audio_embeds, hypothesis),
+        }
+        for name, run in passes.items():
+            launch_ms, total_ms = split_times(run)
+            nodes, kernels, top = primitives(run())
+            row = {"pass": name, "seconds": seconds, "launch_ms": launch_ms, "total_ms": total_ms,
+                   "primitives": nodes, "non_view_primitives": kernels, "peak_above_gb": peak_above(run), "top": top}  # fmt: skip
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def built(request, tmp_path_factory):
     convert(str(ckpt), str(out))
     model, tok = granite_nar.load(str(out))
     refs = [reference_stages(copy.deepcopy(cfg), w64, x) for x in waves]
-    return dict(name=name, cfg=cfg, model=model, tok=tok, waves=waves, refs=refs, w64=w64)
+    return dict(name=name, cfg=cfg, model=model, tok=tok, waves=waves, refs=refs, w64=w64, path=out)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -336,11 +336,16 @@ def test_cases_exercise_the_edges(built):
     assert any(len(r["encoder_preds"]) > 0 for r in built["refs"]), "every hypothesis is empty"
 
 
-def test_one_padded_batch_matches_the_reference_per_sample(built):
+@pytest.mark.parametrize("paths", ["cpu", "gpu"])
+def test_one_padded_batch_matches_the_reference_per_sample(built, paths, monkeypatch):
     """The configuration's waves as one batch (padded to the longest: partial attention blocks, convolution
     edges, pooling windows and projector blocks of every length): each sample's stages are the reference's
-    for that sample alone."""
+    for that sample alone. "gpu": what runs only on a GPU (padding to whole attention blocks, MLX's own
+    activations and attention kernel, the grouped conv), run on the CPU in float32."""
     model, cfg, refs = built["model"], built["cfg"], built["refs"]
+    if paths == "gpu":
+        monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what granite_nar asks; MLX still computes here
+        model, _ = granite_nar.load(str(built["path"]), dtype=mx.float32)  # fresh compiled traces
     W, rate = cfg["encoder_config"]["bpe_pooling_window"], cfg["projector_config"]["downsample_rate"]
     features, lengths = granite_nar.log_mel_batch(built["waves"])
     bpe, audio = model.encode_batch(features, lengths)
