@@ -86,6 +86,7 @@ MAX_TRACES = 8  # compiled shapes kept per pass (ShapeCompiled); sorted batches 
 # which also spares every layer its block padding, editor rows to a multiple of GPU_ROW_STEP. On a CPU a pass
 # takes seconds and padding would cost more than tracing.
 GPU_ROW_STEP = 16
+DEQUANTIZE_ROWS = 512  # see linear()
 
 
 # ---- config ----
@@ -449,6 +450,15 @@ def attention(q, k, v, scale, mask=None):
     return (_cpu_softmax(scores) @ v[:, :, None]).reshape(B, H, L, d)
 
 
+def linear(layer, x):
+    """layer(x). On a GPU a quantized layer over DEQUANTIZE_ROWS rows or more multiplies by its weight dequantized:
+    there MLX's quantized matmul runs up to 4.5x slower than dequantize + bf16 matmul (benchmarks/quantized_matmul.py)."""
+    if isinstance(layer, nn.QuantizedLinear) and mx.default_device() == mx.gpu and x.size >= DEQUANTIZE_ROWS * x.shape[-1]:
+        w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, mode=layer.mode)
+        return x @ w.T + layer.bias if "bias" in layer else x @ w.T
+    return layer(x)
+
+
 def pad_rows(x, n):
     """(B, T, ...) -> (B, n, ...): zero rows after row T (x itself when T == n)."""
     return x if x.shape[1] == n else mx.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
@@ -695,11 +705,11 @@ class EditorAttention(nn.Module):
     def __call__(self, x, mask=None):  # (B, S, hidden) -> (B, S, hidden)
         B, S, _ = x.shape
         H, H_kv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).reshape(B, S, H + 2 * H_kv, -1).transpose(0, 2, 1, 3)  # (B, H + 2 H_kv, S, d)
+        qkv = linear(self.qkv_proj, x).reshape(B, S, H + 2 * H_kv, -1).transpose(0, 2, 1, 3)  # (B, H + 2 H_kv, S, d)
         qk = self.rope(qkv[:, : H + H_kv])  # queries and keys, positions 0..S-1 over [audio | text]
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + H_kv :]
         out = attention(q, k, v, self.scale, mask)  # bidirectional: the mask only hides padding
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+        return linear(self.o_proj, out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
 
 class EditorMLP(nn.Module):
@@ -709,8 +719,8 @@ class EditorMLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x):
-        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(silu(gate) * up)
+        gate, up = mx.split(linear(self.gate_up_proj, x), 2, axis=-1)
+        return linear(self.down_proj, silu(gate) * up)
 
 
 class EditorLayer(nn.Module):

@@ -492,8 +492,13 @@ def _dequantized_editor_model(model_dir, bits):
     return model
 
 
-def test_quantized_editor_equals_dequantized_weights(model_dir, quantized, case):
+@pytest.mark.parametrize("paths", ["cpu", "gpu"])
+def test_quantized_editor_equals_dequantized_weights(model_dir, quantized, case, paths, monkeypatch):
+    """"gpu": the GPU's path, dequantize + matmul for many rows (every row count here), run on the CPU."""
     bits, q_dir = quantized
+    if paths == "gpu":
+        monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what granite_nar asks; MLX still computes here
+        monkeypatch.setattr(g, "DEQUANTIZE_ROWS", 1)
     q_model, _ = g.load(q_dir, dtype=mx.float32)
     reference = _dequantized_editor_model(model_dir, bits)
     audio_embeds, hypothesis = mx.array(case["audio_embeds"]), case["encoder_preds"].tolist()
