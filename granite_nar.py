@@ -86,7 +86,7 @@ MAX_TRACES = 8  # compiled shapes kept per pass (ShapeCompiled); sorted batches 
 # which also spares every layer its block padding, editor rows to a multiple of GPU_ROW_STEP. On a CPU a pass
 # takes seconds and padding would cost more than tracing.
 GPU_ROW_STEP = 16
-DEQUANTIZE_ROWS = 512  # see linear()
+DEQUANTIZE_ROWS = 1024  # see linear()
 
 
 # ---- config ----
@@ -451,8 +451,10 @@ def attention(q, k, v, scale, mask=None):
 
 
 def linear(layer, x):
-    """layer(x). On a GPU a quantized layer over DEQUANTIZE_ROWS rows or more multiplies by its weight dequantized:
-    there MLX's quantized matmul runs up to 4.5x slower than dequantize + bf16 matmul (benchmarks/quantized_matmul.py)."""
+    """layer(x). On a GPU a quantized layer over DEQUANTIZE_ROWS rows or more (batches) multiplies by its weight
+    dequantized: there MLX's quantized matmul runs up to 4.5x slower than dequantize + bf16 matmul
+    (benchmarks/quantized_matmul.py). Each copy is transient, but the host runs ahead of the GPU, so a pass can
+    hold many at once (+2.7 GB for the 40 layers): below the threshold, memory comes first."""
     if isinstance(layer, nn.QuantizedLinear) and mx.default_device() == mx.gpu and x.size >= DEQUANTIZE_ROWS * x.shape[-1]:
         w = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits, mode=layer.mode)
         return x @ w.T + layer.bias if "bias" in layer else x @ w.T

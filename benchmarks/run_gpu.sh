@@ -2,8 +2,9 @@
 # The GPU measurements in README.md, on the device machine after MLX's CUDA build is installed
 # into /tmp/site (../shared/tools/gpu-mlx-prepare.sh). mlx-audio comes as a wheel in .whl/.
 # Makes the full-size random checkpoint there, converts it to bf16 and 5-bit, and benchmarks both:
-#   PART=latency    batch 1 at 5, 24.9 and 60 s (PEER=1: mlx-audio beside), the host/GPU split
-#   PART=throughput 256 LibriSpeech-like clips at batch sizes 1, 8, 32, 128
+#   PART=latency    batch 1 at 5, 24.9 and 60 s (PEER=1: mlx-audio beside), then per pass the host/GPU split,
+#                   kernel count and peak memory, and MLX's quantized matmul against dequantize + matmul
+#   PART=throughput 256 LibriSpeech-like clips at batch sizes 32 and 128, 1024 at 128
 set -euo pipefail
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-/tmp/bench_out}
@@ -14,13 +15,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 [ -d /tmp/bf16 ] || python3 convert.py --hf-path /tmp/ckpt --mlx-path /tmp/bf16
 [ -d /tmp/q5 ] || python3 convert.py --hf-path /tmp/ckpt --mlx-path /tmp/q5 -q
 if [ "${PART:-latency}" = latency ]; then
-  python3 benchmarks/bench.py --model /tmp/bf16 --seconds 5 24.9 60 --reps 5 2>/dev/null | tee "$out/bench_gpu_memory.jsonl"
-  for model in bf16 q5; do
-    python3 benchmarks/bench.py --model /tmp/$model --seconds 5 24.9 60 --reps 20 ${PEER:+--peer} 2>/dev/null | tee -a "$out/bench_gpu.jsonl"
+  for model in q5 bf16; do
+    python3 benchmarks/bench.py --model /tmp/$model --seconds 5 24.9 60 --reps 10 ${PEER:+--peer} 2>/dev/null | tee -a "$out/bench_gpu.jsonl"
   done
-  python3 benchmarks/gpu_overhead.py /tmp/bf16 | tee "$out/gpu_overhead.jsonl"
+  python3 benchmarks/gpu_overhead.py /tmp/bf16 --seconds 24.9 60 | tee "$out/gpu_overhead.txt"
+  python3 benchmarks/quantized_matmul.py | tee "$out/quantized_matmul.jsonl"
 else
   for model in bf16 q5; do
-    python3 benchmarks/bench.py --model /tmp/$model --clips 256 --batch-sizes 1 8 32 128 2>/dev/null | tee -a "$out/throughput_gpu.jsonl"
+    python3 benchmarks/bench.py --model /tmp/$model --clips 256 --batch-sizes 32 128 2>/dev/null | tee -a "$out/throughput_gpu.jsonl"
+    python3 benchmarks/bench.py --model /tmp/$model --clips 1024 --batch-sizes 128 2>/dev/null | tee -a "$out/throughput_gpu.jsonl"
   done
 fi
