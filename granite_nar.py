@@ -508,7 +508,8 @@ class ConformerAttention(nn.Module):
         q, kv = self.to_q(h), self.to_kv(h)
         # upstream pads with zero rows after the norm; without biases they project to zeros
         q = pad_rows(q, n_blocks * C).reshape(B, n_blocks, C, H, -1)
-        k, v = mx.split(pad_rows(kv, n_blocks * C).reshape(B, n_blocks, C, 2, H, -1), 2, axis=3)
+        kv = pad_rows(kv, n_blocks * C).reshape(B, n_blocks, C, 2, H, -1)
+        k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # (B, n_blocks, C, H, d), as q
 
         # Shaw position term, scores[c, r] += scale * q_c . rel_pos_emb[c - r + M]: q against each distance
         # -(C-1)..C-1 in one matmul, then each (c, r) picks its distance
@@ -521,7 +522,7 @@ class ConformerAttention(nn.Module):
             real = real.reshape(-1, n_blocks, 1, C)
             bias = mx.where(real[..., :, None] & real[..., None, :], bias, mx.finfo(bias.dtype).min)
 
-        q, k, v = (a.reshape(B, n_blocks, C, H, -1).transpose(0, 1, 3, 2, 4).reshape(B * n_blocks, H, C, -1) for a in (q, k, v))
+        q, k, v = (a.transpose(0, 1, 3, 2, 4).reshape(B * n_blocks, H, C, -1) for a in (q, k, v))
         out = attention(q, k, v, self.scale, mask=bias.reshape(B * n_blocks, H, C, C))
         out = out.reshape(B, n_blocks, H, C, -1).transpose(0, 1, 3, 2, 4).reshape(B, n_blocks * C, -1)
         return self.to_out(out[:, :T])
