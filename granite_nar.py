@@ -368,10 +368,11 @@ def log_mel_batch(waveforms):
             raise ValueError(f"log_mel expects a mono waveform (n_samples,), got shape {w.shape}")
         if len(w) < SAMPLES_PER_FRAME:
             raise ValueError(f"audio too short: {len(w)} samples, at least {SAMPLES_PER_FRAME} needed")
-    pad = N_FFT // 2  # center=True with reflect padding, then zeros to the longest
+    pad = N_FFT // 2  # center=True with reflect padding (w[pad] .. w[1] | w | w[-2] .. w[-pad-1]), then zeros
     x = np.zeros((len(waveforms), max(map(len, waveforms)) + 2 * pad), np.float32)
-    for row, w in zip(x, waveforms):
-        row[: len(w) + 2 * pad] = np.pad(w, pad, mode="reflect")
+    for row, w in zip(x, waveforms):  # in place: np.pad would allocate and copy every row once more
+        n = len(w)
+        row[:pad], row[pad : pad + n], row[pad + n : n + 2 * pad] = w[pad:0:-1], w, w[-2 : -pad - 2 : -1]
     lengths = [len(w) // SAMPLES_PER_FRAME for w in waveforms]
     return _log_mel(mx.array(x), mx.array(lengths)), lengths
 

@@ -1,8 +1,11 @@
 """Is a GPU pass bound by the host (building and launching kernels) or by the GPU, and what does it hold
-in memory? For each pass (log-mel, encode, edit) of a clip, one JSON line: the milliseconds until
+in memory? First, what one kernel costs the host: chains of 400 dependent kernels of three kinds (tiny
+matmuls, which MLX hands to cuBLASLt on a GPU; MLX's own RMS norm; uncompiled adds), microseconds per
+kernel until launched and until done. Then per clip: the waveform's copy into MLX memory, alone and with
+a first GPU read; and for each pass (log-mel, encode, edit) one JSON line: the milliseconds until
 mx.async_eval returns (the host has built the graph and launched every kernel) and until the results
-are ready, the primitives in its graph (kernels, views included), and its peak memory above what was
-allocated before it.
+are ready, the primitives in its graph (kernels, views included; matmuls apart), and its peak memory
+above what was allocated before it.
 
     python benchmarks/gpu_overhead.py FULL_SIZE_MODEL_DIR [--seconds 24.9 60]
 """
@@ -22,6 +25,7 @@ import mlx.core as mx  # noqa: E402
 from bench import synthetic_audio  # noqa: E402
 
 VIEWS = {"Reshape", "Squeeze", "ExpandDims", "Broadcast", "Unflatten", "Flatten", "Split", "Slice", "Transpose"}
+MATMULS = {"Matmul", "AddMM"}
 
 
 def split_times(run, reps=20):
@@ -47,7 +51,40 @@ def primitives(outputs):
         labels = re.findall(r'label ="([^"]*)", shape=rectangle', f.read())
     counts = collections.Counter(labels)
     kernels = collections.Counter({name[:60]: n for name, n in counts.items() if name not in VIEWS})
-    return sum(counts.values()), sum(kernels.values()), dict(kernels.most_common(15))
+    matmuls = sum(counts[name] for name in MATMULS)
+    return sum(counts.values()), sum(kernels.values()), matmuls, dict(kernels.most_common(15))
+
+
+def kernel_cost(n=400):
+    """Host microseconds per kernel, launched and done, for chains of n dependent kernels of each kind."""
+    x = mx.random.normal((8, 64)).astype(mx.bfloat16)
+    w = (mx.random.normal((64, 64)) / 8).astype(mx.bfloat16)
+    scale = mx.ones((64,), mx.bfloat16)
+
+    def chain(step):
+        def run(a):
+            for _ in range(n):
+                a = step(a)
+            return a
+
+        return run
+
+    chains = {
+        "matmul": mx.compile(chain(lambda a: a @ w)),
+        "rms_norm": mx.compile(chain(lambda a: mx.fast.rms_norm(a, scale, 1e-5))),
+        "add": chain(lambda a: a + 1),  # not compiled: n Add kernels
+    }
+    for name, run in chains.items():
+        launch_ms, total_ms = split_times(lambda: run(x))
+        print(json.dumps({"kernel": name, "chain": n, "launch_us": round(1e3 * launch_ms / n, 2),
+                          "total_us": round(1e3 * total_ms / n, 2)}), flush=True)  # fmt: skip
+
+
+def waveform_copy(waveform):
+    """Milliseconds to copy a waveform into an MLX array, and to copy it and read it once on the device."""
+    copy = lambda: mx.array(waveform)  # noqa: E731
+    read = lambda: mx.array(waveform).sum()  # noqa: E731
+    return split_times(copy)[1], split_times(read)[1]
 
 
 def peak_above(run):
@@ -65,8 +102,12 @@ def main():
     parser.add_argument("--seconds", type=float, nargs="+", default=[24.9])
     args = parser.parse_args()
     model, _ = g.load(args.model)
+    kernel_cost()
     for seconds in args.seconds:
         waveform = synthetic_audio(seconds)
+        copy_ms, copy_and_read_ms = waveform_copy(waveform)
+        print(json.dumps({"waveform": seconds, "bytes": waveform.nbytes, "copy_ms": copy_ms,
+                          "copy_and_read_ms": copy_and_read_ms}), flush=True)  # fmt: skip
         features = g.log_mel(waveform)
         _, audio_embeds = model.encode(features)
         hypothesis = [1000 + 7 * i % 5000 for i in range(round(2.8 * seconds))]
@@ -77,9 +118,9 @@ def main():
         }
         for name, run in passes.items():
             launch_ms, total_ms = split_times(run)
-            nodes, kernels, top = primitives(run())
-            row = {"pass": name, "seconds": seconds, "launch_ms": launch_ms, "total_ms": total_ms,
-                   "primitives": nodes, "non_view_primitives": kernels, "peak_above_gb": peak_above(run), "top": top}  # fmt: skip
+            nodes, kernels, matmuls, top = primitives(run())
+            row = {"pass": name, "seconds": seconds, "launch_ms": launch_ms, "total_ms": total_ms, "primitives": nodes,
+                   "non_view_primitives": kernels, "matmuls": matmuls, "peak_above_gb": peak_above(run), "top": top}  # fmt: skip
             print(json.dumps(row), flush=True)
 
 

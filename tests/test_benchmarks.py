@@ -51,3 +51,15 @@ def test_fidelity_reports_granite_nar_exact():
     ours = [r for r in rows if r["impl"] == "granite_nar"]
     assert len(ours) == 2 and all(r["transcript"] == "identical" for r in ours)
     assert all(float(r[k]) < 1e-4 for r in ours for k in ("input_features", "encoder_bpe_logits", "audio_embeds", "editor_text_logits"))
+
+
+def test_gpu_overhead_prints_kernel_costs_and_passes(small_model):
+    rows = [json.loads(line) for line in run("benchmarks/gpu_overhead.py", small_model, "--seconds", "2").splitlines()]
+    assert [r["kernel"] for r in rows[:3]] == ["matmul", "rms_norm", "add"]
+    assert all(r["chain"] == 400 and 0 < r["launch_us"] <= r["total_us"] for r in rows[:3])
+    assert rows[3]["waveform"] == 2.0 and rows[3]["bytes"] == 2 * 16000 * 4 and 0 <= rows[3]["copy_ms"] <= rows[3]["copy_and_read_ms"]
+    passes = {r["pass"]: r for r in rows[4:]}
+    assert list(passes) == ["log_mel", "encode", "edit"]
+    for row in passes.values():
+        assert 0 < row["launch_ms"] <= row["total_ms"] and row["matmuls"] <= row["non_view_primitives"] <= row["primitives"]
+    assert passes["log_mel"]["matmuls"] == 1 and passes["edit"]["matmuls"] > 0
