@@ -54,9 +54,6 @@ def _load_fast_blas():
 
 FAST_BLAS = _load_fast_blas()
 os.environ.setdefault("MLX_ENABLE_TF32", "0")  # float32 means float32 on GPUs too (bfloat16 is unaffected)
-# MLX's CUDA graphs cost more host time than they save on these passes' ~450 kernels: without them a batch-1
-# clip ran 5 % faster (median of 12 pairs) with 0.1-0.4 GB less at its peak (README, Speed)
-os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
 
 import mlx.core as mx  # noqa: E402  (after the BLAS above, on purpose)
 import mlx.nn as nn  # noqa: E402

@@ -3,10 +3,10 @@
 # into /tmp/site (../shared/tools/gpu-mlx-prepare.sh). mlx-audio comes as a wheel in .whl/.
 # Makes the full-size random checkpoint there, converts it to bf16 and 5-bit, and benchmarks both:
 #   PART=latency    batch 1 at 5, 24.9 and 60 s (PEER=1: mlx-audio beside), then the host cost of one kernel and
-#                   per pass the host/GPU split, kernel count and peak memory (also with MLX's CUDA graphs), MLX's
+#                   per pass the host/GPU split, kernel count and peak memory (also without CUDA graphs), MLX's
 #                   quantized matmul against dequantize + matmul, and the measurements behind two GPU choices
 #   PART=throughput 256 LibriSpeech-like clips at batch sizes 32 and 128, 1024 at 128
-#   PART=graphs     batch 1 end to end with MLX's CUDA graphs on and off (granite_nar's default), alternating, twice
+#   PART=graphs     batch 1 end to end with MLX's CUDA graphs on (its default) and off, alternating, twice
 set -euo pipefail
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-/tmp/bench_out}
@@ -22,7 +22,7 @@ latency)
     python3 benchmarks/bench.py --model /tmp/$model --seconds 5 24.9 60 --reps 10 ${PEER:+--peer} 2>/dev/null | tee -a "$out/bench_gpu.jsonl"
   done
   python3 benchmarks/gpu_overhead.py /tmp/bf16 --seconds 5 24.9 60 | tee "$out/gpu_overhead.txt"
-  MLX_USE_CUDA_GRAPHS=1 python3 benchmarks/gpu_overhead.py /tmp/bf16 --seconds 24.9 | tee "$out/gpu_overhead_graphs.txt"
+  MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/gpu_overhead.py /tmp/bf16 --seconds 24.9 | tee "$out/gpu_overhead_nographs.txt"
   python3 benchmarks/quantized_matmul.py | tee "$out/quantized_matmul.jsonl"
   python3 benchmarks/gpu_choices.py /tmp/bf16 | tee "$out/gpu_choices.jsonl"
   ;;
