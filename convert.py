@@ -24,7 +24,12 @@ from mlx.utils import tree_flatten
 
 from granite_nar import GraniteNAR, ModelArgs, check_weights, read_config, read_weights, sanitize
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+)
 
 
 def quantize(model, bits, group_size, scope):
@@ -52,10 +57,18 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
     hf_path, mlx_path = Path(hf_path), Path(mlx_path)
     if not hf_path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {hf_path}")
-    if mlx_path.exists() and any(mlx_path.iterdir()) and not (mlx_path / "model.safetensors").is_file():
-        raise FileExistsError(f"{mlx_path} exists and is not an MLX model directory: choose another --mlx-path")
+    if (
+        mlx_path.exists()
+        and any(mlx_path.iterdir())
+        and not (mlx_path / "model.safetensors").is_file()
+    ):
+        raise FileExistsError(
+            f"{mlx_path} exists and is not an MLX model directory: choose another --mlx-path"
+        )
     if not (hf_path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{hf_path / 'tokenizer.json'} not found: the transcript cannot be decoded without it")
+        raise FileNotFoundError(
+            f"{hf_path / 'tokenizer.json'} not found: the transcript cannot be decoded without it"
+        )
     config = read_config(hf_path)
     model = GraniteNAR(ModelArgs.from_dict(config))
     weights = sanitize(read_weights(hf_path))
@@ -63,7 +76,10 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}
     model.load_weights(list(weights.items()))
-    n_params = {name: sum(v.size for _, v in tree_flatten(part.parameters())) for name, part in model.children().items()}
+    n_params = {
+        name: sum(v.size for _, v in tree_flatten(part.parameters()))
+        for name, part in model.children().items()
+    }
     if quantization:
         quantize(model, **quantization)
         config["quantization"] = quantization
@@ -71,7 +87,10 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
 
     for name, part in model.children().items():
         n_bytes = sum(v.nbytes for _, v in tree_flatten(part.parameters()))
-        print(f"{name:9s} {n_params[name] / 1e6:9.1f} M parameters {n_bytes / 1e6:9.1f} MB", file=sys.stderr)
+        print(
+            f"{name:9s} {n_params[name] / 1e6:9.1f} M parameters {n_bytes / 1e6:9.1f} MB",
+            file=sys.stderr,
+        )
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
     tmp.chmod(0o755)
@@ -91,15 +110,31 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Convert an upstream Granite Speech 4.1 NAR checkpoint to MLX.")
-    parser.add_argument("--hf-path", required=True, help="upstream checkpoint directory")
-    parser.add_argument("--mlx-path", default="granite_nar_mlx", help="output directory (default: granite_nar_mlx)")
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: as stored, bf16 upstream)"
+    parser = argparse.ArgumentParser(
+        description="Convert an upstream Granite Speech 4.1 NAR checkpoint to MLX."
     )
-    parser.add_argument("-q", "--quantize", action="store_true", help="quantize (affine, see --q-*)")
-    parser.add_argument("--q-bits", type=int, choices=[4, 5, 6, 8], default=5, help="bits per weight (default: 5)")
-    parser.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64, help="group size (default: 64)")
+    parser.add_argument("--hf-path", required=True, help="upstream checkpoint directory")
+    parser.add_argument(
+        "--mlx-path", default="granite_nar_mlx", help="output directory (default: granite_nar_mlx)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype (default: as stored, bf16 upstream)",
+    )
+    parser.add_argument(
+        "-q", "--quantize", action="store_true", help="quantize (affine, see --q-*)"
+    )
+    parser.add_argument(
+        "--q-bits", type=int, choices=[4, 5, 6, 8], default=5, help="bits per weight (default: 5)"
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=64,
+        help="group size (default: 64)",
+    )
     parser.add_argument(
         "--q-scope",
         choices=["editor", "all"],
@@ -107,9 +142,18 @@ def main():
         help="editor: its Linears and tied embedding (default); all: also encoder/projector Linears",
     )
     args = parser.parse_args()
-    quantization = {"bits": args.q_bits, "group_size": args.q_group_size, "scope": args.q_scope} if args.quantize else None
+    quantization = (
+        {"bits": args.q_bits, "group_size": args.q_group_size, "scope": args.q_scope}
+        if args.quantize
+        else None
+    )
     try:
-        convert(args.hf_path, args.mlx_path, getattr(mx, args.dtype) if args.dtype else None, quantization)
+        convert(
+            args.hf_path,
+            args.mlx_path,
+            getattr(mx, args.dtype) if args.dtype else None,
+            quantization,
+        )
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -15,11 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import granite_nar as g  # noqa: E402  (loads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from convert import convert  # noqa: E402
 from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
+
+import granite_nar as g  # noqa: E402  (loads OpenBLAS before MLX)
+from convert import convert  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "dev"
 
@@ -32,12 +33,13 @@ def error(ours, ref):
 
 
 def granite_nar_stages(model, tokenizer, gold, wav):
-    bpe_logits, audio_embeds = model.encode(mx.array(gold["input_features"]))
-    text_logits = model.edit(mx.array(gold["audio_embeds"]), gold["encoder_preds"].tolist())
+    bpe_logits, audio_embeds = model.encode(mx.array(gold["input_features"])[None])
+    text_ids = mx.array(gold["editor_input_ids"])[None]
+    text_logits = model.edit(mx.array(gold["audio_embeds"])[None], text_ids)[0]
     return {
-        "input_features": error(g.log_mel(g.load_audio(wav)), gold["input_features"]),
-        "encoder_bpe_logits": error(bpe_logits, gold["encoder_bpe_logits"]),
-        "audio_embeds": error(audio_embeds, gold["audio_embeds"]),
+        "input_features": error(g.log_mel([g.load_audio(wav)])[0][0], gold["input_features"]),
+        "encoder_bpe_logits": error(bpe_logits[0], gold["encoder_bpe_logits"]),
+        "audio_embeds": error(audio_embeds[0], gold["audio_embeds"]),
         "editor_text_logits": error(text_logits, gold["editor_text_logits"]),
         "transcript": g.transcribe(model, tokenizer, wav),
     }
@@ -50,12 +52,22 @@ def mlx_audio_stages(model, gold, wav):
     enc = model.encoder(mx.array(gold["input_features"])[None])
     audio_embeds = model.projector(mx.concatenate(enc.hidden_states_for_projector, axis=-1))[0]
     audio_embeds = audio_embeds / model.config.text.embedding_multiplier
-    slots = add_insertion_slots(mx.array(gold["encoder_preds"]), model.config.blank_token_id, model.config.min_edit_sequence_length)
-    embeds = mx.concatenate([mx.array(gold["audio_embeds"]), model.editor.embed_tokens(slots)])[None]
+    slots = add_insertion_slots(
+        mx.array(gold["encoder_preds"]),
+        model.config.blank_token_id,
+        model.config.min_edit_sequence_length,
+    )
+    embeds = mx.concatenate([mx.array(gold["audio_embeds"]), model.editor.embed_tokens(slots)])[
+        None
+    ]
     a = gold["audio_embeds"].shape[0]
-    text_logits = model.editor(inputs_embeds=embeds, position_ids=mx.arange(embeds.shape[1]), logits_start=a)[0]
+    text_logits = model.editor(
+        inputs_embeds=embeds, position_ids=mx.arange(embeds.shape[1]), logits_start=a
+    )[0]
     return {
-        "input_features": error(ma._compute_features(ma._load_waveform(str(wav))), gold["input_features"]),
+        "input_features": error(
+            ma._compute_features(ma._load_waveform(str(wav))), gold["input_features"]
+        ),
         "encoder_bpe_logits": error(enc.bpe_logits[0], gold["encoder_bpe_logits"]),
         "audio_embeds": error(audio_embeds, gold["audio_embeds"]),
         "editor_text_logits": error(text_logits, gold["editor_text_logits"]),
@@ -64,7 +76,21 @@ def mlx_audio_stages(model, gold, wav):
 
 
 def main():
-    tmp = Path(tempfile.mkdtemp(prefix="fidelity_"))
+    with tempfile.TemporaryDirectory(prefix="fidelity_") as tmp:
+        rows = compare(Path(tmp))
+    print(
+        "\n| clip | implementation | features | BPE logits | audio embeddings | editor logits | transcript |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for case, impl, s in rows:
+        values = [
+            s[k]
+            for k in ("input_features", "encoder_bpe_logits", "audio_embeds", "editor_text_logits")
+        ]
+        print(f"| {case} | {impl} | {' | '.join(values)} | {s['transcript']} |")
+
+
+def compare(tmp):
     convert(FIXTURE / "checkpoint", tmp / "ours", dtype=mx.float32)
     model, tokenizer = g.load(tmp / "ours", dtype=mx.float32)
     peer = None
@@ -86,10 +112,7 @@ def main():
             stages["transcript"] = "identical" if stages["transcript"] == text else "differs"
             print(json.dumps({"case": case, "impl": impl, **stages}))
             rows.append((case, impl, stages))
-    print("\n| clip | implementation | features | BPE logits | audio embeddings | editor logits | transcript |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for case, impl, s in rows:
-        print(f"| {case} | {impl} | {s['input_features']} | {s['encoder_bpe_logits']} | {s['audio_embeds']} | {s['editor_text_logits']} | {s['transcript']} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Independent float64 numpy reference of Granite Speech 4.1 NAR, written from
-/work/shared/golden/README.md only (not from granite_nar.py).
+tests/fixtures/README.md only (not from granite_nar.py).
 
 `reference_stages(config, weights, waveform)` takes the upstream config.json dict and
 the upstream-named weights (PyTorch layouts) and returns every golden stage.
 """
+
 import json
 import math
 import os
@@ -50,7 +51,7 @@ def ctc_collapse(ids, blank):
 
 def insertion_slots(preds, blank, min_len):
     ids = np.full(max(2 * len(preds) + 1, min_len), blank, dtype=np.int32)
-    ids[1:2 * len(preds):2] = preds
+    ids[1 : 2 * len(preds) : 2] = preds
     return ids
 
 
@@ -60,11 +61,11 @@ def log_mel(x, sr=16000, n_fft=512, win=400, hop=160, n_mels=80):
     n = len(x)
     window = np.zeros(n_fft)
     off = (n_fft - win) // 2
-    window[off:off + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
+    window[off : off + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
     xp = np.pad(x, n_fft // 2, mode="reflect")
     n_frames = 1 + n // hop
-    frames = np.stack([xp[i * hop:i * hop + n_fft] for i in range(n_frames)]) * window
-    power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2                  # (frames, 257)
+    frames = np.stack([xp[i * hop : i * hop + n_fft] for i in range(n_frames)]) * window
+    power = np.abs(np.fft.rfft(frames, axis=-1)) ** 2  # (frames, 257)
     mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)
     m_pts = np.linspace(mel(0.0), mel(sr / 2), n_mels + 2)
     f_pts = 700.0 * (10.0 ** (m_pts / 2595.0) - 1.0)
@@ -73,14 +74,18 @@ def log_mel(x, sr=16000, n_fft=512, win=400, hop=160, n_mels=80):
     hi = (f_pts[None, 2:] - f_b) / (f_pts[2:] - f_pts[1:-1])
     fb = np.maximum(0.0, np.minimum(lo, hi)).astype(np.float32).astype(np.float64)
     T = n // (2 * hop)
-    L = np.log10(np.maximum(power[:2 * T] @ fb, 1e-10))
+    L = np.log10(np.maximum(power[: 2 * T] @ fb, 1e-10))
     L = np.maximum(L, L.max() - 8.0) / 4.0 + 1.0
     return L.reshape(T, 2 * n_mels)
 
 
 # ----------------------------------------------------------------------------- encoder
 def _ff(x, w, p):
-    return linear(silu(linear(layer_norm(x, w, p + ".pre_norm", 1e-5), w, p + ".up_proj")), w, p + ".down_proj")
+    return linear(
+        silu(linear(layer_norm(x, w, p + ".pre_norm", 1e-5), w, p + ".up_proj")),
+        w,
+        p + ".down_proj",
+    )
 
 
 def _attn(x, w, p, ec):
@@ -90,19 +95,19 @@ def _attn(x, w, p, ec):
     h = np.concatenate([h, np.zeros((nblk * C - T, h.shape[1]))])
     q = h @ w[p + ".to_q.weight"].T
     kv = h @ w[p + ".to_kv.weight"].T
-    k, v = kv[:, :H * dh], kv[:, H * dh:]
-    split = lambda a: a.reshape(nblk, C, H, dh).transpose(0, 2, 1, 3)    # (nblk, H, C, dh)
+    k, v = kv[:, : H * dh], kv[:, H * dh :]
+    split = lambda a: a.reshape(nblk, C, H, dh).transpose(0, 2, 1, 3)  # (nblk, H, C, dh)
     q, k, v = split(q), split(k), split(v)
-    scale = dh ** -0.5
+    scale = dh**-0.5
     c = np.arange(C)
-    rel = w[p + ".rel_pos_emb.weight"][c[:, None] - c[None, :] + M]     # (C, C, dh)
+    rel = w[p + ".rel_pos_emb.weight"][c[:, None] - c[None, :] + M]  # (C, C, dh)
     pos = np.einsum("bhcd,crd->bhcr", q, rel) * scale
     rem = T % C
     if rem:
         bad = (c[:, None] >= rem) | (c[None, :] >= rem)
         pos[-1][:, bad] = -3.4028235e38
     scores = np.einsum("bhcd,bhrd->bhcr", q, k) * scale + pos
-    out = softmax(scores) @ v                                           # (nblk, H, C, dh)
+    out = softmax(scores) @ v  # (nblk, H, C, dh)
     out = out.transpose(0, 2, 1, 3).reshape(nblk * C, H * dh)[:T]
     return linear(out, w, p + ".to_out")
 
@@ -114,10 +119,12 @@ def _conv(x, w, p, ec):
     E = h.shape[1] // 2
     h = h[:, :E] * (1.0 / (1.0 + np.exp(-h[:, E:])))
     hp = np.pad(h, ((K // 2, K // 2 - (K + 1) % 2), (0, 0)))
-    dw = w[p + ".depth_conv.conv.weight"][:, 0, :]                      # (E, K)
-    h = sum(hp[j:j + len(x)] * dw[:, j] for j in range(K))
+    dw = w[p + ".depth_conv.conv.weight"][:, 0, :]  # (E, K)
+    h = sum(hp[j : j + len(x)] * dw[:, j] for j in range(K))
     bn = p + ".batch_norm"
-    h = (h - w[bn + ".running_mean"]) / np.sqrt(w[bn + ".running_var"] + 1e-5) * w[bn + ".weight"] + w[bn + ".bias"]
+    h = (h - w[bn + ".running_mean"]) / np.sqrt(w[bn + ".running_var"] + 1e-5) * w[
+        bn + ".weight"
+    ] + w[bn + ".bias"]
     return silu(h) @ w[p + ".down_conv.weight"][:, :, 0].T + w[p + ".down_conv.bias"]
 
 
@@ -158,13 +165,18 @@ def projector(hs, w, cfg):
     eps, B, r, nh = pc["layernorm_eps"], pc["block_size"], pc["downsample_rate"], pc["num_heads"]
     feats = np.concatenate([hs[j] for j in cfg["encoder_layer_indices"]], -1)
     T, D = len(hs[0]), hs.shape[-1]
-    x = np.concatenate([layer_norm(feats[:, j * D:(j + 1) * D], w, f"projector.layer_norms.{j}", eps)
-                        for j in range(len(cfg["encoder_layer_indices"]))], -1)
+    x = np.concatenate(
+        [
+            layer_norm(feats[:, j * D : (j + 1) * D], w, f"projector.layer_norms.{j}", eps)
+            for j in range(len(cfg["encoder_layer_indices"]))
+        ],
+        -1,
+    )
     x = gelu(linear(x, w, "projector.layer_projector"))
     Hd = x.shape[1]
     nb = -(-T // B)
     x = np.concatenate([x, np.zeros((nb * B - T, Hd))]).reshape(nb, B, Hd)
-    Q = w["projector.query"] + x.reshape(nb, B // r, r, Hd).mean(2)          # (nb, q, H)
+    Q = w["projector.query"] + x.reshape(nb, B // r, r, Hd).mean(2)  # (nb, q, H)
     KV = x + w["projector.window_positions"]
     hd = Hd // nh
     heads = lambda a: a.reshape(a.shape[0], a.shape[1], nh, hd).transpose(0, 2, 1, 3)
@@ -173,9 +185,13 @@ def projector(hs, w, cfg):
         ca = p + ".cross_attention"
         q = heads(linear(layer_norm(Q, w, p + ".attn_norm", eps), w, ca + ".q_proj"))
         k, v = heads(linear(KV, w, ca + ".k_proj")), heads(linear(KV, w, ca + ".v_proj"))
-        o = softmax(q @ k.transpose(0, 1, 3, 2) * hd ** -0.5) @ v
+        o = softmax(q @ k.transpose(0, 1, 3, 2) * hd**-0.5) @ v
         Q = Q + linear(o.transpose(0, 2, 1, 3).reshape(Q.shape), w, ca + ".o_proj")
-        Q = Q + linear(silu(linear(layer_norm(Q, w, p + ".mlp_norm", eps), w, p + ".mlp.fc1")), w, p + ".mlp.fc2")
+        Q = Q + linear(
+            silu(linear(layer_norm(Q, w, p + ".mlp_norm", eps), w, p + ".mlp.fc1")),
+            w,
+            p + ".mlp.fc2",
+        )
     out = linear(layer_norm(Q, w, "projector.out_norm", eps), w, "projector.out_linear")
     return feats, out.reshape(nb * (B // r), -1)
 
@@ -190,7 +206,7 @@ def editor(audio_embeds, ids, w, tc):
     inv = theta ** (-np.arange(0, hd, 2) / hd)
     ang = np.arange(S)[:, None] * inv[None]
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-    rope = lambda x: x * cos + np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin
+    rope = lambda x: x * cos + np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
     eps, rm = tc["rms_norm_eps"], tc["residual_multiplier"]
     for i in range(tc["num_hidden_layers"]):
         p = f"language_model.model.layers.{i}"
@@ -200,15 +216,17 @@ def editor(audio_embeds, ids, w, tc):
         v = (a @ w[p + ".self_attn.v_proj.weight"].T).reshape(S, nkv, hd).transpose(1, 0, 2)
         q, k = rope(q), rope(k)
         g = nh // nkv
-        k, v = np.repeat(k, g, axis=0), np.repeat(v, g, axis=0)            # head j -> kv head j // g
+        k, v = np.repeat(k, g, axis=0), np.repeat(v, g, axis=0)  # head j -> kv head j // g
         o = softmax(q @ k.transpose(0, 2, 1) * tc["attention_multiplier"]) @ v
-        h = h + rm * (o.transpose(1, 0, 2).reshape(S, nh * hd) @ w[p + ".self_attn.o_proj.weight"].T)
+        h = h + rm * (
+            o.transpose(1, 0, 2).reshape(S, nh * hd) @ w[p + ".self_attn.o_proj.weight"].T
+        )
         m = rms_norm(h, w[p + ".post_attention_layernorm.weight"], eps)
         mlp = silu(m @ w[p + ".mlp.gate_proj.weight"].T) * (m @ w[p + ".mlp.up_proj.weight"].T)
         h = h + rm * (mlp @ w[p + ".mlp.down_proj.weight"].T)
     last = rms_norm(h, w["language_model.model.norm.weight"], eps)
     logits = last @ E.T / tc["logits_scaling"]
-    return last, logits[len(audio_embeds):]
+    return last, logits[len(audio_embeds) :]
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -224,11 +242,15 @@ def reference_stages(config, weights, waveform):
     A = len(s["input_features"]) // pc["downsample_rate"]
     scale = tc["embedding_multiplier"] if config.get("scale_projected_embeddings", True) else 1.0
     s["audio_embeds"] = s["projector_out"][:A] / scale
-    s["editor_input_ids"] = insertion_slots(s["encoder_preds"], blank, config["min_edit_sequence_length"])
+    s["editor_input_ids"] = insertion_slots(
+        s["encoder_preds"], blank, config["min_edit_sequence_length"]
+    )
     E = w["language_model.model.embed_tokens.weight"]
     s["editor_inputs_embeds"] = np.concatenate([s["audio_embeds"], E[s["editor_input_ids"]]])
     s["editor_position_ids"] = np.arange(len(s["editor_inputs_embeds"]), dtype=np.int32)
-    s["editor_last_hidden"], s["editor_text_logits"] = editor(s["audio_embeds"], s["editor_input_ids"], w, tc)
+    s["editor_last_hidden"], s["editor_text_logits"] = editor(
+        s["audio_embeds"], s["editor_input_ids"], w, tc
+    )
     s["editor_argmax"] = s["editor_text_logits"].argmax(-1).astype(np.int32)
     s["pred_ids"] = ctc_collapse(s["editor_argmax"], blank)
     return s
@@ -237,6 +259,7 @@ def reference_stages(config, weights, waveform):
 def load_checkpoint(path):
     """(config, float64 weights) from an upstream checkpoint dir (bf16 safetensors, read via mlx)."""
     import mlx.core as mx
+
     config = json.load(open(os.path.join(path, "config.json")))
     weights = {}
     for f in sorted(os.listdir(path)):

@@ -5,6 +5,7 @@ Each config writes a fake upstream checkpoint (config.json, bf16 model.safetenso
 byte-level tokenizer), converts it with convert.py, loads it with granite_nar.load and compares
 every exposed stage with the oracle, on seeded random waveforms of several lengths.
 """
+
 import copy
 import json
 import sys
@@ -18,67 +19,202 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from numpy_reference import reference_stages  # noqa: E402
+
 import granite_nar  # noqa: E402
 from convert import convert  # noqa: E402
-from numpy_reference import reference_stages  # noqa: E402
 
 DEV_TOKENIZER = ROOT / "tests" / "fixtures" / "dev" / "checkpoint" / "tokenizer.json"
 SPECIALS = ["<|pad|>", "<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|unk|>"]
-RTOL = 1e-4      # of the reference stage's largest magnitude
-MARGIN = 1e-3    # ids taken by argmax are compared only where top-1 minus top-2 exceeds this
+RTOL = 1e-4  # of the reference stage's largest magnitude
+MARGIN = 1e-3  # ids taken by argmax are compared only where top-1 minus top-2 exceeds this
 
 # Each case: sizes (all differ from dev), the blank's position among the 5 specials, and encoder
 # frame counts T (n_samples = 320 T + extra) chosen to hit / miss every padding path.
 CASES = {
     # even kernel; T=30 < context 40 (single partial block) but a multiple of W, B, r; T=120 all exact
     "k4_selfcond1": dict(
-        enc=dict(num_layers=3, hidden_dim=24, num_heads=3, dim_head=10, feedforward_mult=2, output_dim=7,
-                 context_size=40, max_pos_emb=45, conv_kernel_size=4, conv_expansion_factor=3,
-                 self_conditioning_layer=1, bpe_pooling_window=3),
+        enc=dict(
+            num_layers=3,
+            hidden_dim=24,
+            num_heads=3,
+            dim_head=10,
+            feedforward_mult=2,
+            output_dim=7,
+            context_size=40,
+            max_pos_emb=45,
+            conv_kernel_size=4,
+            conv_expansion_factor=3,
+            self_conditioning_layer=1,
+            bpe_pooling_window=3,
+        ),
         indices=[0, -1],
-        proj=dict(hidden_size=36, num_heads=3, num_layers=1, block_size=10, downsample_rate=2, mlp_ratio=3,
-                  llm_dim=40, layernorm_eps=1e-5),
-        text=dict(hidden_size=40, intermediate_size=72, num_hidden_layers=3, num_attention_heads=5,
-                  num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=500.0, attention_multiplier=0.1,
-                  embedding_multiplier=6.0, logits_scaling=4.0, residual_multiplier=0.3),
-        vocab=290, blank_slot=0, min_edit=20, frames=[(30, 0), (120, 0), (77, 123)]),
+        proj=dict(
+            hidden_size=36,
+            num_heads=3,
+            num_layers=1,
+            block_size=10,
+            downsample_rate=2,
+            mlp_ratio=3,
+            llm_dim=40,
+            layernorm_eps=1e-5,
+        ),
+        text=dict(
+            hidden_size=40,
+            intermediate_size=72,
+            num_hidden_layers=3,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-6,
+            rope_theta=500.0,
+            attention_multiplier=0.1,
+            embedding_multiplier=6.0,
+            logits_scaling=4.0,
+            residual_multiplier=0.3,
+        ),
+        vocab=290,
+        blank_slot=0,
+        min_edit=20,
+        frames=[(30, 0), (120, 0), (77, 123)],
+    ),
     # s = L; max_pos_emb = context - 1 (the Shaw table is used edge to edge); kv_heads == heads
     "selfcondL_mha": dict(
-        enc=dict(num_layers=2, hidden_dim=32, num_heads=2, dim_head=12, feedforward_mult=3, output_dim=5,
-                 context_size=16, max_pos_emb=15, conv_kernel_size=7, conv_expansion_factor=1,
-                 self_conditioning_layer=2, bpe_pooling_window=5),
+        enc=dict(
+            num_layers=2,
+            hidden_dim=32,
+            num_heads=2,
+            dim_head=12,
+            feedforward_mult=3,
+            output_dim=5,
+            context_size=16,
+            max_pos_emb=15,
+            conv_kernel_size=7,
+            conv_expansion_factor=1,
+            self_conditioning_layer=2,
+            bpe_pooling_window=5,
+        ),
         indices=[2, 1, -1],
-        proj=dict(hidden_size=48, num_heads=6, num_layers=3, block_size=12, downsample_rate=4, mlp_ratio=2,
-                  llm_dim=56, layernorm_eps=1e-6),
-        text=dict(hidden_size=56, intermediate_size=100, num_hidden_layers=1, num_attention_heads=7,
-                  num_key_value_heads=7, rms_norm_eps=1e-5, rope_theta=1e6, attention_multiplier=0.125,
-                  embedding_multiplier=10.0, logits_scaling=6.0, residual_multiplier=0.15),
-        vocab=300, blank_slot=4, min_edit=3, frames=[(240, 0), (7, 100), (53, 319)]),
+        proj=dict(
+            hidden_size=48,
+            num_heads=6,
+            num_layers=3,
+            block_size=12,
+            downsample_rate=4,
+            mlp_ratio=2,
+            llm_dim=56,
+            layernorm_eps=1e-6,
+        ),
+        text=dict(
+            hidden_size=56,
+            intermediate_size=100,
+            num_hidden_layers=1,
+            num_attention_heads=7,
+            num_key_value_heads=7,
+            rms_norm_eps=1e-5,
+            rope_theta=1e6,
+            attention_multiplier=0.125,
+            embedding_multiplier=10.0,
+            logits_scaling=6.0,
+            residual_multiplier=0.15,
+        ),
+        vocab=300,
+        blank_slot=4,
+        min_edit=3,
+        frames=[(240, 0), (7, 100), (53, 319)],
+    ),
     # kernel 2, 1 attention head wider than D, projector without attention biases, GQA 4 -> 2
     "k2_nobias": dict(
-        enc=dict(num_layers=5, hidden_dim=16, num_heads=1, dim_head=20, feedforward_mult=2, output_dim=9,
-                 context_size=6, max_pos_emb=8, conv_kernel_size=2, conv_expansion_factor=2,
-                 self_conditioning_layer=3, bpe_pooling_window=2),
+        enc=dict(
+            num_layers=5,
+            hidden_dim=16,
+            num_heads=1,
+            dim_head=20,
+            feedforward_mult=2,
+            output_dim=9,
+            context_size=6,
+            max_pos_emb=8,
+            conv_kernel_size=2,
+            conv_expansion_factor=2,
+            self_conditioning_layer=3,
+            bpe_pooling_window=2,
+        ),
         indices=[3, 0],
-        proj=dict(hidden_size=20, num_heads=2, num_layers=2, block_size=6, downsample_rate=3, mlp_ratio=1,
-                  llm_dim=24, layernorm_eps=1e-5, attn_bias=False),
-        text=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, attention_multiplier=0.2,
-                  embedding_multiplier=4.0, logits_scaling=2.0, residual_multiplier=0.5),
-        vocab=261, blank_slot=3, min_edit=1, frames=[(6, 0), (36, 0), (41, 7)]),
+        proj=dict(
+            hidden_size=20,
+            num_heads=2,
+            num_layers=2,
+            block_size=6,
+            downsample_rate=3,
+            mlp_ratio=1,
+            llm_dim=24,
+            layernorm_eps=1e-5,
+            attn_bias=False,
+        ),
+        text=dict(
+            hidden_size=24,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            attention_multiplier=0.2,
+            embedding_multiplier=4.0,
+            logits_scaling=2.0,
+            residual_multiplier=0.5,
+        ),
+        vocab=261,
+        blank_slot=3,
+        min_edit=1,
+        frames=[(6, 0), (36, 0), (41, 7)],
+    ),
     # kernel 1, a single layer that is also the self-conditioning layer, GQA 2 -> 1, epsilons large
     # enough to matter
     "k1_onelayer": dict(
-        enc=dict(num_layers=1, hidden_dim=20, num_heads=4, dim_head=6, feedforward_mult=1, output_dim=3,
-                 context_size=25, max_pos_emb=30, conv_kernel_size=1, conv_expansion_factor=2,
-                 self_conditioning_layer=1, bpe_pooling_window=7),
+        enc=dict(
+            num_layers=1,
+            hidden_dim=20,
+            num_heads=4,
+            dim_head=6,
+            feedforward_mult=1,
+            output_dim=3,
+            context_size=25,
+            max_pos_emb=30,
+            conv_kernel_size=1,
+            conv_expansion_factor=2,
+            self_conditioning_layer=1,
+            bpe_pooling_window=7,
+        ),
         indices=[-1, 0, 1],
-        proj=dict(hidden_size=30, num_heads=5, num_layers=1, block_size=25, downsample_rate=5, mlp_ratio=2,
-                  llm_dim=32, layernorm_eps=0.1, mlp_bias=False),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, rms_norm_eps=2.0, rope_theta=2000.0, attention_multiplier=0.05,
-                  embedding_multiplier=8.0, logits_scaling=3.0, residual_multiplier=0.4),
-        vocab=320, blank_slot=2, min_edit=12, frames=[(175, 0), (3, 5), (64, 200)]),
+        proj=dict(
+            hidden_size=30,
+            num_heads=5,
+            num_layers=1,
+            block_size=25,
+            downsample_rate=5,
+            mlp_ratio=2,
+            llm_dim=32,
+            layernorm_eps=0.1,
+            mlp_bias=False,
+        ),
+        text=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rms_norm_eps=2.0,
+            rope_theta=2000.0,
+            attention_multiplier=0.05,
+            embedding_multiplier=8.0,
+            logits_scaling=3.0,
+            residual_multiplier=0.4,
+        ),
+        vocab=320,
+        blank_slot=2,
+        min_edit=12,
+        frames=[(175, 0), (3, 5), (64, 200)],
+    ),
 }
 
 
@@ -86,19 +222,55 @@ CASES = {
 def make_config(case):
     V, blank = case["vocab"], case["vocab"] - 5 + case["blank_slot"]
     pad = V - 5 if case["blank_slot"] != 0 else V - 4
-    enc = dict(case["enc"], input_dim=160, bpe_output_dim=V, blank_token_id=blank, dropout=0.1, pred_dropout=0.25,
-               model_type="granite_speech_nar_encoder", initializer_range=0.02)
-    proj = dict(dict(attn_bias=True, mlp_bias=True), **case["proj"], encoder_dim=enc["hidden_dim"],
-                num_encoder_layers=len(case["indices"]), model_type="granite_speech_nar_projector", dropout_prob=0.1)
-    text = dict(case["text"], model_type="granite", architectures=["GraniteForCausalLM"], vocab_size=V,
-                hidden_act="silu", max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": case["text"]["rope_theta"]},
-                attention_bias=False, attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=True,
-                bos_token_id=blank, eos_token_id=blank, pad_token_id=pad, initializer_range=0.02, use_cache=False)
-    return {"architectures": ["GraniteSpeechNarForASR"], "model_type": "granite_speech_nar", "encoder_config": enc,
-            "projector_config": proj, "text_config": text, "encoder_layer_indices": case["indices"],
-            "blank_token_id": blank, "scale_projected_embeddings": True,
-            "min_edit_sequence_length": case["min_edit"], "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    enc = dict(
+        case["enc"],
+        input_dim=160,
+        bpe_output_dim=V,
+        blank_token_id=blank,
+        dropout=0.1,
+        pred_dropout=0.25,
+        model_type="granite_speech_nar_encoder",
+        initializer_range=0.02,
+    )
+    proj = dict(
+        dict(attn_bias=True, mlp_bias=True),
+        **case["proj"],
+        encoder_dim=enc["hidden_dim"],
+        num_encoder_layers=len(case["indices"]),
+        model_type="granite_speech_nar_projector",
+        dropout_prob=0.1,
+    )
+    text = dict(
+        case["text"],
+        model_type="granite",
+        architectures=["GraniteForCausalLM"],
+        vocab_size=V,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": case["text"]["rope_theta"]},
+        attention_bias=False,
+        attention_dropout=0.0,
+        mlp_bias=False,
+        tie_word_embeddings=True,
+        bos_token_id=blank,
+        eos_token_id=blank,
+        pad_token_id=pad,
+        initializer_range=0.02,
+        use_cache=False,
+    )
+    return {
+        "architectures": ["GraniteSpeechNarForASR"],
+        "model_type": "granite_speech_nar",
+        "encoder_config": enc,
+        "projector_config": proj,
+        "text_config": text,
+        "encoder_layer_indices": case["indices"],
+        "blank_token_id": blank,
+        "scale_projected_embeddings": True,
+        "min_edit_sequence_length": case["min_edit"],
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    }
 
 
 def make_weights(cfg, rng):
@@ -134,7 +306,9 @@ def make_weights(cfg, rng):
         w[f"{p}.attn.rel_pos_emb.weight"] = rng.normal(0, 1, (2 * ec["max_pos_emb"] + 1, dh))
         norm(f"{p}.conv.norm", D)
         lin(f"{p}.conv.up_conv", 2 * E, D, conv=True)
-        w[f"{p}.conv.depth_conv.conv.weight"] = rng.normal(0, rng.uniform(1, 1.5) / np.sqrt(K), (E, 1, K))
+        w[f"{p}.conv.depth_conv.conv.weight"] = rng.normal(
+            0, rng.uniform(1, 1.5) / np.sqrt(K), (E, 1, K)
+        )
         norm(f"{p}.conv.batch_norm", E)
         w[f"{p}.conv.batch_norm.running_mean"] = rng.normal(0, 0.1, E)
         w[f"{p}.conv.batch_norm.running_var"] = rng.uniform(0.5, 1.5, E)
@@ -161,11 +335,19 @@ def make_weights(cfg, rng):
         lin(f"{p}.mlp.fc2", H, M, bias=pc["mlp_bias"])
     norm("projector.out_norm", H)
     em, rm = tc["embedding_multiplier"], tc["residual_multiplier"]
-    lin("projector.out_linear", llm, H, gain=2.0 * em)  # audio rows ~ token rows after the multiplier
+    lin(
+        "projector.out_linear", llm, H, gain=2.0 * em
+    )  # audio rows ~ token rows after the multiplier
 
     hd = tc["hidden_size"] // tc["num_attention_heads"]
-    nq, nkv, I = tc["num_attention_heads"] * hd, tc["num_key_value_heads"] * hd, tc["intermediate_size"]
-    big = 2.0 * em / rm  # o_proj / down_proj: each sublayer moves the residual stream by about its size
+    nq, nkv, I = (
+        tc["num_attention_heads"] * hd,
+        tc["num_key_value_heads"] * hd,
+        tc["intermediate_size"],
+    )
+    big = (
+        2.0 * em / rm
+    )  # o_proj / down_proj: each sublayer moves the residual stream by about its size
     w["language_model.model.embed_tokens.weight"] = rng.normal(0, 2.0, (tc["vocab_size"], llm))
     for i in range(tc["num_hidden_layers"]):
         p = f"language_model.model.layers.{i}"
@@ -195,17 +377,28 @@ def write_tokenizer(path, cfg, case):
     vocab = {t: i for t, i in tok["model"]["vocab"].items() if i < n_ordinary}
     assert len(vocab) == n_ordinary
     tok["model"]["vocab"] = vocab
-    tok["model"]["merges"] = [m for m in tok["model"]["merges"] if "".join(m) in vocab and all(p in vocab for p in m)]
+    tok["model"]["merges"] = [
+        m for m in tok["model"]["merges"] if "".join(m) in vocab and all(p in vocab for p in m)
+    ]
     order = [s for s in SPECIALS if s != "<|end_of_text|>"]
     order.insert(case["blank_slot"], "<|end_of_text|>")
     template = tok["added_tokens"][0]
-    tok["added_tokens"] = [dict(template, id=n_ordinary + j, content=s) for j, s in enumerate(order)]
+    tok["added_tokens"] = [
+        dict(template, id=n_ordinary + j, content=s) for j, s in enumerate(order)
+    ]
     assert tok["added_tokens"][case["blank_slot"]]["id"] == cfg["blank_token_id"]
     (path / "tokenizer.json").write_text(json.dumps(tok))
-    tc = {"add_bos_token": False, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-          "bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": order[0],
-          "unk_token": "<|unk|>", "tokenizer_class": "GPT2Tokenizer",
-          "added_tokens_decoder": {str(t["id"]): dict(t, special=True) for t in tok["added_tokens"]}}
+    tc = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "bos_token": "<|end_of_text|>",
+        "eos_token": "<|end_of_text|>",
+        "pad_token": order[0],
+        "unk_token": "<|unk|>",
+        "tokenizer_class": "GPT2Tokenizer",
+        "added_tokens_decoder": {str(t["id"]): dict(t, special=True) for t in tok["added_tokens"]},
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(tc))
 
 
@@ -217,7 +410,9 @@ def waveform(n_samples, seed, silence=0.0):
     x = 0.05 * rng.normal(size=n_samples)
     for _ in range(3):
         f0, f1 = rng.uniform(100, 4000, 2)
-        x += rng.uniform(0.05, 0.3) * np.sin(2 * np.pi * (f0 + (f1 - f0) * t / (t[-1] + 1e-3) / 2) * t)
+        x += rng.uniform(0.05, 0.3) * np.sin(
+            2 * np.pi * (f0 + (f1 - f0) * t / (t[-1] + 1e-3) / 2) * t
+        )
     env = 0.2 + np.abs(np.sin(2 * np.pi * rng.uniform(0.5, 3) * t + rng.uniform(0, 6)))
     x = x * env
     x[: int(silence * n_samples)] = 0.0
@@ -233,7 +428,10 @@ def built(request, tmp_path_factory):
     seed = sum(map(ord, name))
     rng = np.random.default_rng(seed)
     w = make_weights(cfg, rng)
-    waves = [waveform(320 * T + extra, seed + j, 0.3 * (j == 2)) for j, (T, extra) in enumerate(case["frames"])]
+    waves = [
+        waveform(320 * T + extra, seed + j, 0.3 * (j == 2))
+        for j, (T, extra) in enumerate(case["frames"])
+    ]
 
     # Center the BPE head: raise the blank's bias so it wins in ~40 % of the longest utterance's windows.
     _, w64 = to_bf16(w)
@@ -244,7 +442,9 @@ def built(request, tmp_path_factory):
     w["encoder.out_bpe.bias"][blank] += np.quantile(gap, 0.4)
     bf, w64 = to_bf16(w)
     for i in range(cfg["encoder_config"]["num_layers"]):
-        bf[f"encoder.layers.{i}.conv.batch_norm.num_batches_tracked"] = mx.array(1000, dtype=mx.int64)
+        bf[f"encoder.layers.{i}.conv.batch_norm.num_batches_tracked"] = mx.array(
+            1000, dtype=mx.int64
+        )
 
     ckpt = tmp_path_factory.mktemp(name) / "ckpt"
     ckpt.mkdir()
@@ -281,34 +481,46 @@ def each(built):
 
 def test_log_mel(built):
     for tag, x, ref in each(built):
-        close(f"{tag} input_features", granite_nar.log_mel(x), ref["input_features"])
+        close(f"{tag} input_features", granite_nar.log_mel([x])[0][0], ref["input_features"])
 
 
 def test_encoder_hidden_states(built):
     for tag, _, ref in each(built):
         hs, bpe = built["model"].encoder(mx.array(ref["input_features"].astype(np.float32))[None])
         assert len(hs) == built["cfg"]["encoder_config"]["num_layers"] + 1
-        close(f"{tag} encoder_hidden_states", np.stack([np.array(h[0]) for h in hs]), ref["encoder_hidden_states"])
+        close(
+            f"{tag} encoder_hidden_states",
+            np.stack([np.array(h[0]) for h in hs]),
+            ref["encoder_hidden_states"],
+        )
         close(f"{tag} encoder_bpe_logits (encoder)", np.array(bpe[0]), ref["encoder_bpe_logits"])
 
 
 def test_encode(built):
     for tag, _, ref in each(built):
-        bpe, audio = built["model"].encode(mx.array(ref["input_features"].astype(np.float32)))
+        bpe, audio = built["model"].encode(mx.array(ref["input_features"].astype(np.float32))[None])
+        bpe, audio = bpe[0], audio[0]
         close(f"{tag} encoder_bpe_logits", np.array(bpe), ref["encoder_bpe_logits"])
         close(f"{tag} audio_embeds", np.array(audio), ref["audio_embeds"])
         ok = confident(ref["encoder_bpe_logits"])
         got = np.array(mx.argmax(bpe, axis=-1))
-        np.testing.assert_array_equal(got[ok], ref["encoder_bpe_argmax"][ok], err_msg=f"{tag} bpe argmax")
+        np.testing.assert_array_equal(
+            got[ok], ref["encoder_bpe_argmax"][ok], err_msg=f"{tag} bpe argmax"
+        )
 
 
 def test_edit(built):
     for tag, _, ref in each(built):
-        logits = built["model"].edit(mx.array(ref["audio_embeds"].astype(np.float32)), ref["encoder_preds"].tolist())
+        slots = mx.array(ref["editor_input_ids"].astype(np.int32))[None]
+        logits = built["model"].edit(mx.array(ref["audio_embeds"].astype(np.float32))[None], slots)[
+            0
+        ]
         close(f"{tag} editor_text_logits", np.array(logits), ref["editor_text_logits"])
         ok = confident(ref["editor_text_logits"])
         got = np.array(mx.argmax(logits, axis=-1))
-        np.testing.assert_array_equal(got[ok], ref["editor_argmax"][ok], err_msg=f"{tag} editor argmax")
+        np.testing.assert_array_equal(
+            got[ok], ref["editor_argmax"][ok], err_msg=f"{tag} editor argmax"
+        )
 
 
 def test_ids(built):
@@ -331,32 +543,48 @@ def test_cases_exercise_the_edges(built):
     ec = cfg["encoder_config"]
     for tag, _, ref in each(built):
         T = len(ref["input_features"])
-        assert ref["encoder_hidden_states"].shape == (ec["num_layers"] + 1, T, ec["hidden_dim"]), tag
-        assert len(ref["editor_input_ids"]) == max(2 * len(ref["encoder_preds"]) + 1, cfg["min_edit_sequence_length"])
+        assert ref["encoder_hidden_states"].shape == (ec["num_layers"] + 1, T, ec["hidden_dim"]), (
+            tag
+        )
+        assert len(ref["editor_input_ids"]) == max(
+            2 * len(ref["encoder_preds"]) + 1, cfg["min_edit_sequence_length"]
+        )
     assert any(len(r["encoder_preds"]) > 0 for r in built["refs"]), "every hypothesis is empty"
 
 
-@pytest.mark.parametrize("paths", ["cpu", "gpu"])
-def test_one_padded_batch_matches_the_reference_per_sample(built, paths, monkeypatch):
-    """The configuration's waves as one batch (padded to the longest: partial attention blocks, convolution
-    edges, pooling windows and projector blocks of every length): each sample's stages are the reference's
-    for that sample alone. "gpu": what runs only on a GPU (padding to whole attention blocks, MLX's own
-    activations and attention kernel, the grouped conv), run on the CPU in float32."""
+@pytest.mark.parametrize("steps", [(1, 1), "gpu"])
+def test_one_padded_batch_matches_the_reference_per_sample(built, steps):
+    """The configuration's waves as one batch (padded to the longest: partial attention blocks,
+    convolution edges, pooling windows and projector blocks of every length): each sample's stages
+    are the reference's for that sample alone. "gpu": also padded as shape_steps does on a GPU."""
     model, cfg, refs = built["model"], built["cfg"], built["refs"]
-    if paths == "gpu":
-        monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)  # what granite_nar asks; MLX still computes here
-        model, _ = granite_nar.load(str(built["path"]), dtype=mx.float32)  # fresh compiled traces
-    W, rate = cfg["encoder_config"]["bpe_pooling_window"], cfg["projector_config"]["downsample_rate"]
-    features, lengths = granite_nar.log_mel_batch(built["waves"])
-    bpe, audio = model.encode_batch(features, lengths)
+    W, rate = (
+        cfg["encoder_config"]["bpe_pooling_window"],
+        cfg["projector_config"]["downsample_rate"],
+    )
+    frame_step, slot_step = (cfg["encoder_config"]["context_size"], 16) if steps == "gpu" else steps
+    features, lengths = granite_nar.log_mel(built["waves"])
+    T = -(-features.shape[1] // frame_step) * frame_step
+    bpe, audio = model.encode(
+        granite_nar.pad_rows(features, T), mx.arange(T) < mx.array(lengths)[:, None]
+    )
     A = max(len(ref["audio_embeds"]) for ref in refs)
-    ref_audio = np.stack([np.pad(r["audio_embeds"], [(0, A - len(r["audio_embeds"])), (0, 0)]) for r in refs])
+    ref_audio = np.stack(
+        [np.pad(r["audio_embeds"], [(0, A - len(r["audio_embeds"])), (0, 0)]) for r in refs]
+    )
     ref_audio[0, len(refs[0]["audio_embeds"]) :] = 1e3  # what padding holds must not matter
-    logits = model.edit_batch(mx.array(ref_audio.astype(np.float32)), [len(r["audio_embeds"]) for r in refs],
-                              [r["encoder_preds"].tolist() for r in refs])  # fmt: skip
+    blank, min_len = cfg["blank_token_id"], cfg["min_edit_sequence_length"]
+    text_ids, text_lengths = granite_nar.slot_batch(
+        [r["encoder_preds"].tolist() for r in refs], blank, min_len, slot_step
+    )
+    audio_lengths = mx.array([len(r["audio_embeds"]) for r in refs])
+    logits = model.edit(
+        mx.array(ref_audio.astype(np.float32)), text_ids, audio_lengths, text_lengths
+    )
     for b, (tag, _, ref) in enumerate(each(built)):
         T = lengths[b]
         close(f"{tag} batched input_features", features[b, :T], ref["input_features"])
         close(f"{tag} batched encoder_bpe_logits", bpe[b, : -(-T // W)], ref["encoder_bpe_logits"])
         close(f"{tag} batched audio_embeds", audio[b, : T // rate], ref["audio_embeds"])
-        close(f"{tag} batched editor_text_logits", logits[b], ref["editor_text_logits"])
+        L = len(ref["editor_text_logits"])
+        close(f"{tag} batched editor_text_logits", logits[b, :L], ref["editor_text_logits"])
