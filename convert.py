@@ -34,7 +34,8 @@ TOKENIZER_FILES = (
 
 def quantize(model, bits, group_size, scope):
     """Affine-quantize in place: every editor Linear and the tied embedding (its as_linear is the
-    output head); with scope "all" also the encoder/projector Linears whose input the group divides."""
+    output head); with scope "all" also the encoder/projector Linears whose input the group
+    divides."""
 
     def predicate(path, module):
         if not isinstance(module, (nn.Linear, nn.Embedding)):
@@ -43,7 +44,8 @@ def quantize(model, bits, group_size, scope):
         if path.startswith("editor."):
             if not fits:
                 raise ValueError(
-                    f"--q-group-size {group_size} does not divide {path}'s input size {module.weight.shape[-1]}: choose a smaller one"
+                    f"--q-group-size {group_size} does not divide {path}'s input size"
+                    f" {module.weight.shape[-1]}: choose a smaller one"
                 )
             return True
         return scope == "all" and isinstance(module, nn.Linear) and fits
@@ -139,7 +141,8 @@ def main():
         "--q-scope",
         choices=["editor", "all"],
         default="editor",
-        help="editor: its Linears and tied embedding (default); all: also encoder/projector Linears",
+        help="editor: its Linears and tied embedding (default);"
+        " all: also encoder/projector Linears",
     )
     args = parser.parse_args()
     quantization = (

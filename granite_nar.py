@@ -26,6 +26,7 @@ against its outputs.
 import argparse
 import ctypes
 import ctypes.util
+import io
 import itertools
 import json
 import math
@@ -33,6 +34,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -108,6 +110,7 @@ class ProjectorArgs:
     layernorm_eps: float
     attn_bias: bool = True
     mlp_bias: bool = True
+    intermediate_size: int = 0  # given by transformers-native configs; else hidden x mlp_ratio
 
 
 @dataclass
@@ -124,6 +127,7 @@ class EditorArgs:
     embedding_multiplier: float
     logits_scaling: float
     residual_multiplier: float
+    max_position_embeddings: int = 4096
 
 
 @dataclass
@@ -372,7 +376,7 @@ class QFormerAttention(nn.Module):
 class QFormerMLP(nn.Module):
     def __init__(self, args: ProjectorArgs):
         super().__init__()
-        hidden = int(args.hidden_size * args.mlp_ratio)
+        hidden = args.intermediate_size or int(args.hidden_size * args.mlp_ratio)
         self.fc1 = nn.Linear(args.hidden_size, hidden, bias=args.mlp_bias)
         self.fc2 = nn.Linear(hidden, args.hidden_size, bias=args.mlp_bias)
 
@@ -591,15 +595,14 @@ def ctc_collapse(ids, blank_id):
 
 def insert_slots(ids, blank_id, min_len):
     """[a, b] -> [_, a, _, b, _], right-padded with blanks to min_len."""
-    ids = list(ids)
     slots = [blank_id] * max(2 * len(ids) + 1, min_len)
     slots[1 : 2 * len(ids) : 2] = ids
     return slots
 
 
 def slot_batch(hypotheses, blank_id, min_len, step=1):
-    """Hypotheses -> slot ids (B, L) of insert_slots, blank-padded to the longest (rounded up to a
-    multiple of step), and each one's length (B,): the editor's text inputs."""
+    """Hypotheses -> their insert_slots, blank-padded to the longest (rounded up to a multiple of
+    step) as ids (B, L), and their lengths (B,): the editor's text inputs."""
     slots = [insert_slots(ids, blank_id, min_len) for ids in hypotheses]
     text_ids = np.full((len(slots), -(-max(map(len, slots)) // step) * step), blank_id, np.int32)
     for row, s in zip(text_ids, slots):
@@ -618,34 +621,27 @@ def _bytes_to_unicode():
 class Tokenizer:
     """Decoder of the byte-level BPE tokenizer.json (transcription never encodes)."""
 
-    CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"))
-    CLEAN_UP += ((" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+    CLEAN_UP = [(" " + p, p) for p in (".", "?", "!", ",", "n't", "'m", "'s", "'ve", "'re")]
 
     def __init__(self, path):
-        path = Path(path)
         try:
-            data = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-            vocab = data["model"]["vocab"]
+            data = json.loads((Path(path) / "tokenizer.json").read_text(encoding="utf-8"))
+            self.tokens = {i: token for token, i in data["model"]["vocab"].items()}
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(
-                f"{path / 'tokenizer.json'}: not a readable BPE tokenizer ({e})"
+                f"{Path(path) / 'tokenizer.json'}: not a BPE tokenizer ({e})"
             ) from None
-        self.tokens = {i: token for token, i in vocab.items()}
-        self.special_ids = set()
-        for added in data.get("added_tokens", []):
-            self.tokens[added["id"]] = added["content"]
-            if added.get("special"):
-                self.special_ids.add(added["id"])
+        added = data.get("added_tokens", [])
+        self.tokens.update({t["id"]: t["content"] for t in added})
+        self.special_ids = {t["id"] for t in added if t.get("special")}
         self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        config_file = path / "tokenizer_config.json"
-        config = (
-            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        )
+        config = Path(path) / "tokenizer_config.json"
+        config = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
         self.clean_up_tokenization_spaces = config.get("clean_up_tokenization_spaces", False)
 
     def token_bytes(self, i):
         """A token id -> its bytes (b"" for special and unknown ids)."""
-        token = self.tokens.get(i, "") if i not in self.special_ids else ""
+        token = "" if i in self.special_ids else self.tokens.get(i, "")
         if all(c in self.byte_of for c in token):
             return bytes(self.byte_of[c] for c in token)
         return token.encode("utf-8")  # a token outside the byte alphabet stands for itself
@@ -654,23 +650,60 @@ class Tokenizer:
         """Token ids -> text, special tokens skipped, invalid UTF-8 replaced by U+FFFD."""
         text = b"".join(map(self.token_bytes, np.asarray(ids).tolist())).decode(errors="replace")
         if self.clean_up_tokenization_spaces:
-            for before, after in self.CLEAN_UP:
+            for before, after in [*self.CLEAN_UP, (" ' ", "'")]:
                 text = text.replace(before, after)
         return text
 
 
 # ---- loading ----
 
-# Checkpoint names -> this module's, applied in order: the original hub layout, the older
-# transformers names (model.*) and mlx-audio's conversions (editor.*, conv.bn) all load.
-RENAMES = (
-    ("model.language_model.", "editor."),
-    ("model.encoder.", "encoder."),
-    ("model.projector.", "projector."),
+# Checkpoint name prefixes -> this module's, the first match winning: the original hub layout,
+# the transformers-native one and older transformers names (model.*), mlx-audio's (editor.*).
+PREFIXES = (
     ("language_model.model.", "editor."),
-    (".depth_conv.conv.", ".depth_conv."),
-    (".conv.bn.", ".conv.batch_norm."),
+    ("model.language_model.", "editor."),
+    ("model.out_bpe.", "encoder.out_bpe."),
+    ("model.encoder.", "encoder."),
+    ("model.projector.proj.", "projector.layer_projector."),
+    ("model.projector.qformer.linear.", "projector.out_linear."),
+    ("model.projector.qformer.queries", "projector.query"),
+    ("model.projector.qformer.pos_emb", "projector.window_positions"),
+    ("model.projector.", "projector."),
 )
+RENAMES = ((".depth_conv.conv.", ".depth_conv."), (".conv.bn.", ".conv.batch_norm."))
+RENAMES += ((".cross_attn.", ".cross_attention."),)
+NATIVE_KEYS = {  # the transformers-native config.json's names -> the original's, by section
+    "encoder_config": {"vocabulary_size": "bpe_output_dim", "pooling_window": "bpe_pooling_window"},
+    "projector_config": {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+                         "window_size": "block_size", "layer_norm_eps": "layernorm_eps",
+                         "attention_bias": "attn_bias"},
+}  # fmt: skip
+
+
+def is_native(config):
+    """The transformers-native layout's config.json: no encoder_layer_indices, renamed keys."""
+    encoder = config.get("encoder_config") or {}
+    return "encoder_layer_indices" not in config and bool(
+        {"vocabulary_size", "pooling_window"} & set(encoder)
+    )
+
+
+def from_native(config):
+    """A transformers-native config.json -> the original layout's. It has no layer list (the
+    last layer follows cat_hidden_layers) nor min_edit_sequence_length (IBM's is 8), and its
+    projector is as wide as the editor."""
+    config = json.loads(json.dumps(config))
+    for section, names in NATIVE_KEYS.items():
+        config[section] = {names.get(k, k): v for k, v in config[section].items()}
+    encoder, projector = config["encoder_config"], config["projector_config"]
+    layers = list(encoder.get("cat_hidden_layers", [4, 8, 12])) + [-1]
+    try:
+        projector.update(llm_dim=projector["hidden_size"], encoder_dim=encoder["hidden_dim"],
+                         num_encoder_layers=len(layers), mlp_ratio=0)  # fmt: skip
+    except KeyError as e:
+        raise ValueError(f"config.json (transformers-native layout) lacks {e}") from None
+    config.setdefault("min_edit_sequence_length", 8)
+    return {**config, "encoder_layer_indices": layers}
 
 
 def sanitize(weights):
@@ -679,6 +712,7 @@ def sanitize(weights):
     for key, value in weights.items():
         if key.endswith(("num_batches_tracked", "lm_head.weight")):  # lm_head is tied
             continue
+        key = next((new + key[len(old) :] for old, new in PREFIXES if key.startswith(old)), key)
         for old, new in RENAMES:
             key = key.replace(old, new)
         if key.endswith(("up_conv.weight", "down_conv.weight")) and value.ndim == 3:
@@ -711,6 +745,7 @@ def check_weights(model, weights):
 
 
 def read_config(path):
+    """config.json of a model directory, as stored."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: expected a model directory")
@@ -720,22 +755,23 @@ def read_config(path):
         raise ValueError(f"{config_file}: invalid JSON ({e})") from None
     if config.get("model_type", "granite_speech_nar") != "granite_speech_nar":
         raise ValueError(
-            f"{config_file}: model_type is {config['model_type']!r}, expected 'granite_speech_nar'"
+            f"{config_file}: model_type is {config['model_type']!r}, not 'granite_speech_nar'"
         )
     return config
 
 
 def read_weights(path):
     """Every tensor of a model directory: model.safetensors, or shards (with an index or not)."""
-    path = Path(path)
-    index_file = path / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{index_file}: not a safetensors index ({e})") from None
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+    path, index = Path(path), Path(path) / "model.safetensors.index.json"
+    try:
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else None
+        )
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e})") from None
+    files = files or sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors weights")
     weights = {}
@@ -752,25 +788,24 @@ HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 
 
 def model_path(path_or_repo):
-    """A local directory, or a Hugging Face Hub repo id ("owner/name") downloaded once."""
-    path = Path(path_or_repo)
+    """A local directory, or a Hugging Face Hub repo id ("owner/name") downloaded once. A path
+    that looks local (it starts with . / ~, or its folder exists here) is never looked up."""
+    path, name = Path(path_or_repo), str(path_or_repo)
     if path.is_dir():
         return path
-    name = str(path_or_repo)
-    if (
-        path.exists()
-        or name.startswith((".", "/", "~"))
-        or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
-    ):
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or path.parent.is_dir()
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise FileNotFoundError(f"model directory not found: {path}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ImportError(
-            f"{name} is not a local directory; to download it from the Hugging Face Hub, pip install "
-            f"huggingface_hub (or download it by hand and pass its directory)"
-        ) from None
-    return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        raise ImportError(f"{name} is not a local directory; to download it from the Hugging "
+                          "Face Hub: pip install huggingface_hub") from None  # fmt: skip
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # no network, no such repo, ...: the Hub's errors vary
+        raise OSError(f"cannot download {name} from the Hugging Face Hub ({type(e).__name__}: "
+                      f"{e}); download it elsewhere and give its directory") from None  # fmt: skip
 
 
 def default_dtype():
@@ -778,26 +813,47 @@ def default_dtype():
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def load(path, dtype=None):
-    """A model directory or Hub repo id (a convert.py output, an upstream checkpoint, or an
-    mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in `dtype` (default_dtype())."""
-    path = model_path(path)
+def read_checkpoint(path):
+    """A model directory -> (its config.json in the original layout's names, an unloaded
+    GraniteNAR of that config, the tensors in this module's names)."""
     config = read_config(path)
+    native = is_native(config)
+    config = from_native(config) if native else config
     model = GraniteNAR(ModelArgs.from_dict(config))
     weights = sanitize(read_weights(path))
-    quantization = config.get("quantization")
-    stored_quantized = any(k.endswith(".scales") for k in weights)
-    if bool(quantization) != stored_quantized:
-        found = "quantized" if stored_quantized else "unquantized"
-        raise ValueError(
-            f"{path}: config.json quantization is {quantization}, but the tensors are {found}"
-        )
-    if quantization:  # rebuild exactly the layers stored quantized
-        q = quantization
+    if native and "projector.layer_projector.weight" in weights:  # identity LayerNorms not stored
+        dtype = weights["projector.layer_projector.weight"].dtype
+        norms = tree_flatten(model.projector.parameters())  # a fresh LayerNorm is the identity
+        norms = {f"projector.{k}": v.astype(dtype) for k, v in norms if "norm" in k}
+        weights = {**norms, **weights}
+    return config, model, weights
+
+
+def load(path, dtype=None, dequantize=None):
+    """A model directory or Hub repo id (a convert.py output, an upstream checkpoint in either
+    layout, an mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in dtype (default:
+    default_dtype()). A quantized editor is dequantized to dtype when `dequantize` (default: on a
+    CPU, whose quantized matmuls are slow), computing exactly what the quantized layers would."""
+    path = model_path(path)
+    config, model, weights = read_checkpoint(path)
+    q = config.get("quantization")
+    if bool(q) != any(k.endswith(".scales") for k in weights):
+        raise ValueError(f"{path}: config.json's quantization {q} does not match the tensors")
+    dtype = dtype or default_dtype()
+    if q and (mx.default_device() == mx.cpu if dequantize is None else dequantize):
+        for scales in [k for k in weights if k.endswith(".scales")]:
+            name = scales.removesuffix(".scales")
+            weight = mx.dequantize(weights.pop(f"{name}.weight"), weights.pop(scales), weights.pop(f"{name}.biases", None),
+                                   q["group_size"], q["bits"], mode=q.get("mode", "affine"))  # fmt: skip
+            weights[f"{name}.weight"] = weight.astype(dtype)
+            mx.eval(weights[f"{name}.weight"])
+        warnings.warn(f"{path}: the {q['bits']}-bit editor is dequantized to {dtype} (MLX's CPU "
+                      "quantized matmuls are slow; load(..., dequantize=False) keeps it)", stacklevel=2)  # fmt: skip
+        q = None
+    if q:  # rebuild exactly the layers stored quantized
         nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
                     class_predicate=lambda p, m: f"{p}.scales" in weights)  # fmt: skip
     check_weights(model, weights)
-    dtype = dtype or default_dtype()
     for key, value in weights.items():  # one tensor at a time: no second copy of the model
         if mx.issubdtype(value.dtype, mx.floating):
             weights[key] = value.astype(dtype)
@@ -811,19 +867,8 @@ def load(path, dtype=None):
 # ---- audio input ----
 
 READ_SECONDS = 10  # read, mixed and resampled this much at a time: memory stays flat
-AUDIO_EXTENSIONS = (
-    ".wav",
-    ".flac",
-    ".ogg",
-    ".oga",
-    ".opus",
-    ".mp3",
-    ".aif",
-    ".aiff",
-    ".au",
-    ".caf",
-)
-AUDIO_EXTENSIONS += (".w64", ".rf64")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
+AUDIO_EXTENSIONS += (".caf", ".w64", ".rf64")
 
 
 class Resampler:
@@ -845,8 +890,10 @@ class Resampler:
         n = np.arange(self.up)
         first = n * down // up  # output n reads padded inputs first .. first + 2 half - 1
         t = (n * down % up / up + half - 1)[:, None] - np.arange(2 * half)  # output - input time
-        fc = (self.PASSBAND + self.STOPBAND) / 2 * low / rate
-        beta = 0.1102 * (self.ATTENUATION_DB - 8.7)
+        fc, beta = (
+            (self.PASSBAND + self.STOPBAND) / 2 * low / rate,
+            0.1102 * (self.ATTENUATION_DB - 8.7),
+        )
         taps = (
             2 * fc * np.sinc(2 * fc * t) * np.i0(beta * np.sqrt(np.maximum(0, 1 - (t / half) ** 2)))
         )
@@ -865,14 +912,16 @@ class Resampler:
     def __call__(self, x, last=False):
         """(n,) float32 -> the 16 kHz samples it completes; last=True flushes the rest."""
         self.n_in += len(x)
-        tail = np.zeros(self.half + self.down if last else 0, np.float32)
-        x = np.concatenate([self.pending, x, tail])
+        x = np.concatenate(
+            [self.pending, x, np.zeros(self.half + self.down if last else 0, np.float32)]
+        )
         n_periods = max(0, (len(x) - self.span) // self.down + 1)
         out = np.empty((n_periods, self.up), np.float32)
         step = x.strides[0]
         for col, start, band in self.groups:  # rows: the overlapping stretches each period reads
-            shape, strides = (n_periods, len(band)), (self.down * step, step)
-            rows = np.lib.stride_tricks.as_strided(x[start:], shape, strides)
+            rows = np.lib.stride_tricks.as_strided(
+                x[start:], (n_periods, len(band)), (self.down * step, step)
+            )
             out[:, col : col + band.shape[1]] = np.ascontiguousarray(rows) @ band
         self.pending = x[n_periods * self.down :]
         out = out.reshape(-1)[: -(-self.n_in * self.up // self.down) - self.n_out if last else None]
@@ -880,68 +929,91 @@ class Resampler:
         return out
 
 
-def _open_audio(path):
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
+def _open_audio(audio):
+    """A path or a file object -> an open soundfile.SoundFile, or an error naming the input."""
+    if not hasattr(audio, "read") and not Path(audio).is_file():
+        raise FileNotFoundError(f"audio file not found: {audio}")
+    if not hasattr(audio, "read") and Path(audio).stat().st_size == 0:
+        raise ValueError(f"{audio}: the file is empty (0 bytes)")
     try:
-        return sf.SoundFile(str(path))
+        return sf.SoundFile(audio if hasattr(audio, "read") else str(audio))
     except sf.LibsndfileError as e:
-        formats = ", ".join(sorted(sf.available_formats()))
+        suffix = "" if hasattr(audio, "read") else Path(audio).suffix
+        hint = (
+            f" (convert it: ffmpeg -i {audio} {Path(audio).stem}.wav)"
+            if suffix.lower() not in AUDIO_EXTENSIONS
+            else ""
+        )
+        raise ValueError(f"{audio}: cannot read it as audio ({e.error_string}){hint}") from None
+
+
+def _array_audio(audio, sample_rate):
+    """A waveform (n,) or (n, channels), float or integer PCM, at sample_rate -> float32 mono."""
+    x = np.asarray(audio)
+    if x.dtype.kind not in "iuf":
         raise ValueError(
-            f"{path}: cannot read {path.suffix or 'this'} audio ({e.error_string}); libsndfile "
-            f"reads {formats} (convert others: ffmpeg -i {path} {path.stem}.wav)"
-        ) from None
+            f"expected a file path, a file object or a waveform array, got {type(audio).__name__}"
+        )
+    if x.dtype.kind in "iu":  # PCM scaled as a file's samples are: int16 / 32768, uint8 - 128 / 128
+        full = 2.0 ** (8 * x.dtype.itemsize - 1)
+        x = (x - full if x.dtype.kind == "u" else x) / full
+    if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] > x.shape[0]):
+        raise ValueError(
+            f"expected a mono waveform (n_samples,) or (n_samples, channels), got shape {x.shape}"
+        )
+    rate = SAMPLE_RATE if sample_rate is None else sample_rate
+    if not isinstance(rate, (int, float, np.number)) or not (
+        0 < rate < math.inf and rate == int(rate)
+    ):
+        raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
+    if x.size == 0:
+        raise ValueError("audio is empty (0 samples)")
+    if not np.isfinite(x).all():
+        at = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0] / rate
+        raise ValueError(f"waveform has NaN or infinite samples at {at:.2f} s")
+    mono = (x.mean(axis=1) if x.ndim == 2 else x).astype(np.float32)
+    return Resampler(int(rate))(mono, last=True) if rate != SAMPLE_RATE else mono
 
 
 def _audio_blocks(audio, sample_rate=None):
-    """A file or an array -> float32 mono 16 kHz blocks; files are read READ_SECONDS at a time."""
-    if not isinstance(audio, (str, Path)):
-        x = np.asarray(audio)  # integer PCM (int16 from scipy.io.wavfile) is scaled as files are
-        x = (x / -np.iinfo(x.dtype).min if x.dtype.kind == "i" else x).astype(
-            np.float32, copy=False
-        )
-        if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] > x.shape[0]):
-            raise ValueError(
-                f"expected a mono waveform (n_samples,) or (n_samples, channels), got shape {x.shape}"
-            )
-        rate = SAMPLE_RATE if sample_rate is None else sample_rate
-        if rate != int(rate) or rate <= 0:
-            raise ValueError(
-                f"sample_rate must be a positive whole number of Hz, got {sample_rate}"
-            )
-        if x.size == 0:
-            raise ValueError("audio is empty (0 samples)")
-        if not np.isfinite(x).all():
-            raise ValueError("waveform contains NaN or infinite samples")
-        mono = x.mean(axis=1) if x.ndim == 2 else x
-        yield Resampler(int(rate))(mono, last=True) if rate != SAMPLE_RATE else mono
+    """A path, file object or array -> float32 mono 16 kHz blocks; files are read READ_SECONDS
+    at a time. A file with fewer frames than its header says gives those, with a warning."""
+    if not isinstance(audio, (str, Path)) and not hasattr(audio, "read"):
+        yield _array_audio(audio, sample_rate)
         return
     if sample_rate is not None:
         raise ValueError(f"{audio}: sample_rate is for arrays; a file's rate is read from the file")
-    with _open_audio(Path(audio)) as f:
-        resample = Resampler(f.samplerate) if f.samplerate != SAMPLE_RATE else None
-        size, n_read, last = READ_SECONDS * f.samplerate, 0, False
+    with _open_audio(audio) as f:
+        rate, resample = (
+            f.samplerate,
+            Resampler(f.samplerate) if f.samplerate != SAMPLE_RATE else None,
+        )
+        n_read, last = 0, False
         while not last:
             try:
-                block = f.read(size, dtype="float32", always_2d=True)  # PCM16: exactly x / 32768
+                block = f.read(
+                    READ_SECONDS * rate, dtype="float32", always_2d=True
+                )  # PCM16: x / 32768
             except sf.LibsndfileError as e:
-                at = n_read / f.samplerate
                 raise ValueError(
-                    f"{audio}: unreadable after {at:.1f} s ({e.error_string})"
+                    f"{audio}: unreadable after {n_read / rate:.1f} s ({e.error_string})"
                 ) from None
             if not np.isfinite(block).all():
-                at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / f.samplerate
+                at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
                 raise ValueError(f"{audio}: NaN or infinite samples at {at:.2f} s")
-            n_read, last = n_read + len(block), len(block) < size
+            n_read, last = n_read + len(block), len(block) < READ_SECONDS * rate
             if n_read == 0:
                 raise ValueError(f"{audio}: audio is empty (0 samples in a {f.format} file)")
             yield resample(block.mean(axis=1), last) if resample else block.mean(axis=1)
+        if 0 < f.frames and n_read < f.frames:
+            warnings.warn(f"{audio}: truncated: its header says {f.frames / rate:.2f} s, but only "
+                          f"{n_read / rate:.2f} s could be read", stacklevel=2)  # fmt: skip
 
 
 def load_audio(audio, sample_rate=None):
-    """A file, or a waveform (n_samples,) or (n_samples, channels) at sample_rate Hz (default
-    16000; float, or integer PCM) -> float32 mono 16 kHz. Files: any format libsndfile reads
-    (soundfile.available_formats()). Channels are averaged, other rates resampled."""
+    """A file (path or file object), or a waveform (n_samples,) or (n_samples, channels) at
+    sample_rate Hz (default 16000; float, or integer PCM) -> float32 mono 16 kHz. Files: any
+    format libsndfile reads (soundfile.available_formats()); channels averaged, rates resampled."""
     return np.concatenate(list(_audio_blocks(audio, sample_rate)))
 
 
@@ -960,8 +1032,8 @@ def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
     of the quietest 20 ms frame (least energy; on ties the nearest) within CUT_SEARCH_SECONDS (at
     most a quarter window) of chunk_seconds after its start, so words are rarely cut. Every sample
     is in exactly one window, and every window has at least one encoder frame."""
-    if not chunk_seconds >= 1:
-        raise ValueError(f"chunk_seconds must be at least 1, got {chunk_seconds}")
+    if not 1 <= chunk_seconds < math.inf:
+        raise ValueError(f"chunk_seconds must be at least 1 (and finite), got {chunk_seconds}")
     chunk = round(chunk_seconds * SAMPLE_RATE)
     radius, frame = min(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), chunk // 4), SAMPLES_PER_FRAME
     buffer = np.zeros(0, np.float32)
@@ -979,6 +1051,13 @@ def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
         yield buffer
 
 
+def max_chunk_seconds(args):
+    """The longest chunk_seconds whose windows always fit the editor's positions: a second of
+    audio takes 50 / downsample_rate rows and its hypothesis at most 2 x 50 / W slots."""
+    per_second = 50 / args.projector.downsample_rate + 100 / args.encoder.bpe_pooling_window
+    return math.floor((args.editor.max_position_embeddings - 1) / per_second - CUT_SEARCH_SECONDS)
+
+
 def shape_steps(model):
     """(frame step, slot step) to which a batch's encoder frames and editor slots are padded.
     On a GPU a pass takes less time than tracing a new shape, so batches are padded (and masked:
@@ -991,7 +1070,7 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1):
     """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone. The first
     editor pass reads the encoder's hypothesis, each further one the last pass's output, over the
     same audio embeddings (upstream generate(num_editing_steps)). Short or silent audio: ""."""
-    texts = [""] * len(waveforms)
+    texts, args, blank = [""] * len(waveforms), model.args, model.args.blank_token_id
     live = [
         i
         for i, w in enumerate(waveforms)
@@ -999,7 +1078,6 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1):
     ]
     if not live:
         return texts
-    blank, args = model.args.blank_token_id, model.args
     frame_step, slot_step = shape_steps(model)
     features, lengths = log_mel([waveforms[i] for i in live])
     T = -(-features.shape[1] // frame_step) * frame_step
@@ -1033,15 +1111,15 @@ class Window:
     elapsed: float  # its share of its batch's processing seconds (by length)
 
 
-def _duration(audio, sample_rate):
+def duration(audio, sample_rate=None):
     """Seconds of audio, from the header for files (0 when unreadable: reading will say why)."""
-    if not isinstance(audio, (str, Path)):
+    if not isinstance(audio, (str, Path)) and not hasattr(audio, "read"):
         return len(audio) / (sample_rate or SAMPLE_RATE)
     try:
-        info = sf.info(str(audio))
-    except (OSError, RuntimeError):  # soundfile's LibsndfileError is a RuntimeError
+        info = sf.info(audio if isinstance(audio, (str, Path)) else audio.name)
+        return info.frames / info.samplerate
+    except Exception:  # soundfile raises several kinds; reading will say what is wrong
         return 0.0
-    return info.frames / info.samplerate
 
 
 def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BATCH_SIZE,
@@ -1050,13 +1128,17 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
     inputs shortest first (a batch of like lengths pads less), reading as it goes. Yields a Window
     as its batch finishes; an input's windows come in order. A reading error raises, or with an
     `errors` dict is stored there by input index."""
-    if editing_steps < 1 or batch_size < 1:
+    for name, value in (("batch_size", batch_size), ("editing_steps", editing_steps)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    if not 1 <= chunk_seconds <= max_chunk_seconds(model.args):
+        limit = max_chunk_seconds(model.args)
         raise ValueError(
-            f"editing_steps and batch_size must be at least 1, got {editing_steps} and {batch_size}"
+            f"chunk_seconds must be between 1 and {limit} (the editor's positions), got {chunk_seconds}"
         )
 
     def windows():  # (input, start sample, window, last) in order of duration
-        durations = [_duration(audio, sample_rate) for audio in audios]
+        durations = [duration(audio, sample_rate) for audio in audios]
         for i in sorted(range(len(audios)), key=durations.__getitem__):
             try:
                 start, pending = 0, None
@@ -1087,10 +1169,11 @@ def join_windows(texts):
 
 def transcribe(model, tokenizer, audio, sample_rate=None, batch_size=BATCH_SIZE,
                chunk_seconds=CHUNK_SECONDS, editing_steps=1):  # fmt: skip
-    """audio: a file path, or a waveform (n_samples,) or (n_samples, channels) at sample_rate Hz
-    (default 16000) -> its transcript; or a list of those -> their transcripts, in order. Audio
-    longer than chunk_seconds is transcribed in windows cut at quiet points (split_windows), and
-    batch_size windows (of one input or several) at a time. Under 0.1 s, or silent: ""."""
+    """audio: a file (path or file object), or a waveform (n_samples,) or (n_samples, channels)
+    at sample_rate Hz (default 16000) -> its transcript; a list of those -> their transcripts.
+    Audio longer than chunk_seconds is transcribed in windows cut at quiet points
+    (split_windows), batch_size windows at a time (of one input or several). Under 0.1 s, or
+    silent: ""."""
     audios = list(audio) if isinstance(audio, (list, tuple)) else [audio]
     texts = [[] for _ in audios]
     for w in transcribe_stream(
@@ -1106,52 +1189,77 @@ def transcribe(model, tokenizer, audio, sample_rate=None, batch_size=BATCH_SIZE,
 EXAMPLES = """examples:
   python granite_nar.py audio.wav                  (downloads the default 5-bit model once)
   python granite_nar.py meeting.mp3 --model granite_nar_mlx
-  python granite_nar.py calls/ --model granite_nar_mlx --output-format json --output-dir out/
-  python granite_nar.py talk.flac --chunk-seconds 20 --editing-steps 2 --verbose
+  python granite_nar.py calls/ --output-format json --output-dir out/
+  ffmpeg -i talk.m4a -f wav - | python granite_nar.py -
 
-Reads WAV, FLAC, OGG/Opus, MP3, AIFF, ... (what libsndfile reads) at any sample rate and channel
-count. Audio longer than --chunk-seconds is read as it goes and transcribed in windows, each cut
-moved to the quietest 20 ms within 5 s. Exit status: 0 if every file was transcribed, 1 if any
-failed (each failure is reported on stderr)."""
+Reads WAV, FLAC, OGG/Opus, MP3, AIFF, ... (what libsndfile reads; - is standard input) at any
+rate and channel count. Audio longer than --chunk-seconds is read as it goes and transcribed in
+windows, each cut moved to the quietest 20 ms within 5 s. Exit status: 0 if every file was
+transcribed, 1 if any failed (each failure is reported on stderr), 2 for bad options."""
 COLUMNS = ("file", "text", "audio_seconds", "processing_seconds", "speed")  # json keys, tsv columns
 SUFFIXES = {"text": ".txt", "json": ".json", "tsv": ".tsv"}
 
 
-def _records(model, tokenizer, paths, args):
-    """(path, record or the error it raised) per file, in input order, each as soon as it and the
-    files before it are done; all are transcribed together, in batches."""
-    errors, windows, n_out, tty = {}, [[] for _ in paths], 0, sys.stderr.isatty()
-    durations = [_duration(path, None) for path in paths]
+def _inputs(names):
+    """CLI arguments -> (inputs: paths, or stdin's bytes for -; notes and errors to print)."""
+    inputs, messages = [], []
+    for name in names:
+        path = Path(name)
+        if name == "-":
+            inputs.append(io.BytesIO(sys.stdin.buffer.read()))
+            inputs[-1].name = "-"
+        elif path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav files)
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.name[0] != ".")
+            audio = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
+            others = [p.name for p in files if p not in audio]
+            if others:
+                messages.append(
+                    f"note: {path}: skipped {len(others)} file(s) of other types: {', '.join(others)}"
+                )
+            if not audio:
+                messages.append(f"error: {path}: no audio files ({' '.join(AUDIO_EXTENSIONS)})")
+            inputs += audio
+        else:
+            inputs.append(path)
+    return inputs, messages
 
-    def record(i):
-        if i in errors:
-            return errors[i]
-        seconds, elapsed = sum(w.seconds for w in windows[i]), sum(w.elapsed for w in windows[i])
-        text = join_windows([w.text for w in windows[i]])
-        values = (
-            str(paths[i]),
-            text,
-            round(seconds, 3),
-            round(elapsed, 3),
-            round(seconds / elapsed, 1),
-        )
-        return dict(zip(COLUMNS, values))
 
-    stream = transcribe_stream(model, tokenizer, paths, None, args.batch_size, args.chunk_seconds,
+def _records(model, tokenizer, inputs, args):
+    """(index, record or the error it raised) per input, in input order, each as soon as it and
+    the inputs before it are done; all are transcribed together, in batches."""
+    errors, windows, n_out, tty = {}, [[] for _ in inputs], 0, sys.stderr.isatty()
+    durations = [duration(x) for x in inputs]
+    stream = transcribe_stream(model, tokenizer, inputs, None, args.batch_size, args.chunk_seconds,
                                args.editing_steps, errors)  # fmt: skip
     for w in stream:
         windows[w.index].append(w)
         if not args.quiet and durations[w.index] > args.chunk_seconds:  # progress, long files
-            end = "\n" if w.last or not tty else "\r"
-            done = f"{w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
-            print(f"{paths[w.index]}: {done}", end=end, file=sys.stderr, flush=True)
-        while n_out < len(paths) and (
+            done = (
+                f"{_name(inputs[w.index])}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
+            )
+            print(done, end="\n" if w.last or not tty else "\r", file=sys.stderr, flush=True)
+        while n_out < len(inputs) and (
             n_out in errors or windows[n_out] and windows[n_out][-1].last
         ):
-            yield paths[n_out], record(n_out)
+            yield n_out, errors.get(n_out) or _record(inputs[n_out], windows[n_out])
             n_out += 1
-    for i in range(n_out, len(paths)):  # files that failed after the last window
-        yield paths[i], record(i)
+    for i in range(n_out, len(inputs)):  # inputs that failed after the last window
+        yield i, errors[i]
+
+
+def _name(audio):
+    return audio.name if hasattr(audio, "read") else str(audio)
+
+
+def _record(audio, windows):
+    seconds, elapsed = sum(w.seconds for w in windows), sum(w.elapsed for w in windows)
+    values = (
+        _name(audio),
+        join_windows([w.text for w in windows]),
+        round(seconds, 3),
+        round(elapsed, 3),
+    )
+    return dict(zip(COLUMNS, (*values, round(seconds / max(elapsed, 1e-9), 1))))
 
 
 def _format(record, output_format):
@@ -1165,7 +1273,7 @@ def _format(record, output_format):
 def _output_path(output_dir, path, suffix):
     """output_dir/calls/a.wav.txt for calls/a.wav: the input's path (relative to the working
     directory, or from its root) with the suffix added, so that no two inputs share an output."""
-    path = path.resolve()
+    path = Path(path).resolve()
     try:
         relative = path.relative_to(Path.cwd().resolve())
     except ValueError:
@@ -1184,84 +1292,128 @@ def _write(path, text):
         tmp.unlink(missing_ok=True)
 
 
-def main():
+def _parse_args():
     parser = argparse.ArgumentParser(
         description="Transcribe speech with Granite Speech 4.1 2B NAR (MLX).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     add = parser.add_argument
-    add("audio", nargs="+", help="audio files, or directories (their audio files, by name)")
-    add("--model", default=DEFAULT_MODEL, metavar="DIR|REPO",
-        help=f"a model directory or Hub repo id (default: {DEFAULT_MODEL})")  # fmt: skip
-    add("--chunk-seconds", type=float, default=CHUNK_SECONDS, metavar="S",
-        help="windows of about S >= 1 s for long audio (default: 30)")  # fmt: skip
+    add("audio", nargs="+", help="audio files, directories (their audio files, by name), or -")
+    add(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="DIR|REPO",
+        help=f"a model directory or Hub repo id (default: {DEFAULT_MODEL})",
+    )
+    add(
+        "--chunk-seconds",
+        type=float,
+        default=CHUNK_SECONDS,
+        metavar="S",
+        help="windows of about S s for long audio (default: 30)",
+    )
     add("--editing-steps", type=int, default=1, metavar="N", help="editor passes (default: 1)")
-    add("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
-        help=f"windows (of one file or several) transcribed together (default: {BATCH_SIZE})")  # fmt: skip
-    add("--output-format", choices=SUFFIXES, default="text",
-        help=f"text, json (a line each: {', '.join(COLUMNS)}) or tsv")  # fmt: skip
-    add("--output-dir", type=Path, metavar="DIR", help="also write one file per input there")
-    add("--dtype", choices=["float32", "bfloat16", "float16"],
-        help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)")  # fmt: skip
+    add(
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        metavar="N",
+        help=f"windows transcribed together (default: {BATCH_SIZE})",
+    )
+    add(
+        "--output-format",
+        choices=SUFFIXES,
+        default="text",
+        help=f"text, json (a line each: {', '.join(COLUMNS)}) or tsv",
+    )
+    add(
+        "--output-dir",
+        type=Path,
+        metavar="DIR",
+        help="also write one file per input there: DIR/<input path>.txt",
+    )
+    add(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)",
+    )
     add("--verbose", action="store_true", help="also print the load time and a summary to stderr")
     add("--quiet", action="store_true", help="print only transcripts and errors")
     args = parser.parse_args()
-    if args.chunk_seconds < 1:
-        parser.error(f"--chunk-seconds must be at least 1, got {args.chunk_seconds}")
-    if args.editing_steps < 1 or args.batch_size < 1:
-        parser.error("--editing-steps and --batch-size must be at least 1")
+    if not 1 <= args.chunk_seconds < math.inf:
+        parser.error(f"--chunk-seconds must be at least 1 (and finite), got {args.chunk_seconds}")
+    if args.editing_steps < 1:
+        parser.error(f"--editing-steps must be at least 1, got {args.editing_steps}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.verbose and args.quiet:
-        parser.error("--verbose and --quiet exclude each other")
+        parser.error("--verbose and --quiet exclude each other: give one")
+    if args.audio.count("-") > 1:
+        parser.error("- (standard input) can be given once")
+    return args
+
+
+def main():
+    args = _parse_args()
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     if not HAS_OPENBLAS and mx.default_device() == mx.cpu and not args.quiet:
-        print("note: OpenBLAS not found, CPU matmuls will be slow "
-              "(apt-get install -y libopenblas0-pthread)", file=sys.stderr)  # fmt: skip
+        print(
+            "note: OpenBLAS not found, CPU matmuls will be slow (apt-get install -y libopenblas0-pthread)",
+            file=sys.stderr,
+        )
     if args.dtype == "float32":
         os.environ["MLX_ENABLE_TF32"] = "0"  # float32 means float32 on a GPU's tensor cores too
     start = time.perf_counter()
     try:
         model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
-        if args.output_dir:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: --model {args.model}: {e}")
+    if args.chunk_seconds > max_chunk_seconds(model.args):
+        sys.exit(
+            f"error: --chunk-seconds {args.chunk_seconds:g}: at most {max_chunk_seconds(model.args)} s fit the editor's positions"
+        )
     if args.verbose:
         print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    if args.output_dir:
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: --output-dir {args.output_dir}: {e.strerror}")
 
+    inputs, messages = _inputs(args.audio)
+    failed = sum(m.startswith("error") for m in messages)
+    for message in messages:
+        print(message, file=sys.stderr)
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
     print(header, end="", flush=True)
-    failed, paths = 0, []
-    for path in map(Path, args.audio):
-        found = [path]
-        if path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav files)
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.suffix.lower() in AUDIO_EXTENSIONS and p.name[0] != "."
-            )
-        if not found:
-            print(f"error: {path}: no audio files ({' '.join(AUDIO_EXTENSIONS)})", file=sys.stderr)
-            failed += 1
-        paths += found
-    start, seconds = time.perf_counter(), 0.0
-    for path, record in _records(model, tokenizer, paths, args):
+    start, seconds, shown = time.perf_counter(), 0.0, 0
+    for i, record in _records(model, tokenizer, inputs, args):
         if isinstance(record, Exception):
             print(f"error: {record}", file=sys.stderr)
             failed += 1
             continue
         line = _format(record, args.output_format)
+        if args.output_format == "text" and len(inputs) > 1:  # name each file, as head does
+            line = f"{chr(10) * (shown > 0)}==> {record['file']} <==\n{line}"
         print(line, flush=True)
-        seconds += record["audio_seconds"]
-        if args.output_dir:
-            _write(
-                _output_path(args.output_dir, path, SUFFIXES[args.output_format]),
-                header + line + "\n",
-            )
+        shown, seconds = shown + 1, seconds + record["audio_seconds"]
+        if args.output_dir and not hasattr(inputs[i], "read"):
+            path = _output_path(args.output_dir, inputs[i], SUFFIXES[args.output_format])
+            _write(path, header + _format(record, args.output_format) + "\n")
     if args.verbose:
         total = time.perf_counter() - start
-        print(f"{len(paths)} file(s), {seconds:.1f} s of audio in {total:.2f} s", file=sys.stderr)
-    sys.exit(1 if failed else 0)
+        print(
+            f"{len(inputs)} file(s), {seconds:.1f} s of audio in {total:.2f} s ({seconds / total:.1f}x real time)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (| head): no traceback, nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -28,8 +28,8 @@ FIXTURE = HERE / "tests" / "fixtures" / "dev"
 CHECKPOINT = FIXTURE / "checkpoint"
 CASES = {"golden": "audio.wav", "golden_short": "audio_short.wav"}
 TOL = 1e-4  # float32: max |ours - ref| <= TOL * max |ref|
-# bfloat16 keeps 8 significant bits (unit roundoff 2**-9 ~ 0.2 %); through the 4 + 2 + 2 layers of the
-# fixture the measured error is <= 1.5 % of each array's max, so 4 % is a bound with headroom.
+# bfloat16 keeps 8 significant bits (unit roundoff 2**-9 ~ 0.2 %); through the 4 + 2 + 2 layers of
+# the fixture the measured error is <= 1.5 % of each array's max, so 4 % is a bound with headroom.
 TOL_BF16 = 4e-2
 
 
@@ -203,8 +203,9 @@ def test_transcribe_path_and_waveform(loaded, case):
 
 
 # ---- batches ----
-# Frame counts of the cuts (context 50, conv kernel 15, pooling 4, projector blocks of 15): under one block,
-# exactly one, a partial second, one frame into a third, the whole clip; plus the short clip.
+# Frame counts of the cuts (context 50, conv kernel 15, pooling 4, projector blocks of 15): under
+# one block, exactly one, a partial second, one frame into a third, the whole clip; plus the short
+# clip.
 CUTS = (5000, 16000, 21937, 32320, None)
 TOL_BATCH = (
     1e-5  # a batch changes matrix shapes, so float32 sums may round differently, nothing more
@@ -344,7 +345,8 @@ def tokenizer():
 
 def test_detokenizer_multibyte_split_across_tokens(tokenizer):
     vocab = json.loads((CHECKPOINT / "tokenizer.json").read_text())["model"]["vocab"]
-    # GPT-2 byte alphabet: 0xC3 -> 'Ã', 0xA9 -> '©', 0xBC -> '¼' (printable, themselves), space -> 'Ġ'
+    # GPT-2 byte alphabet: 0xC3 -> 'Ã', 0xA9 -> '©', 0xBC -> '¼' (printable, themselves),
+    # space -> 'Ġ'
     e_acute = [vocab["Ã"], vocab["©"]]  # "é" = C3 A9
     assert tokenizer.decode(e_acute) == "é"
     assert tokenizer.decode([vocab["Ġ"], *e_acute, vocab["Ã"], vocab["¼"]]) == " éü"

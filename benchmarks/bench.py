@@ -155,10 +155,17 @@ def throughput(model, tokenizer, args, common):
                 hypotheses = [fixed_hypothesis(lengths[i]) for i in batch]
                 ours(model, tokenizer, [waveforms[i] for i in batch], hypotheses)
             walls.append(time.perf_counter() - tic)
-        row = {"impl": "granite_nar", **common, "batch_size": batch_size, "clips": args.clips,
-               "seconds_audio": round(seconds, 1), "wall_s": round(walls[1], 3),
-               "speed": round(seconds / walls[1], 1), "first_pass_speed": round(seconds / walls[0], 1),
-               "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3)}  # fmt: skip
+        row = {
+            "impl": "granite_nar",
+            **common,
+            "batch_size": batch_size,
+            "clips": args.clips,
+            "seconds_audio": round(seconds, 1),
+            "wall_s": round(walls[1], 3),
+            "speed": round(seconds / walls[1], 1),
+            "first_pass_speed": round(seconds / walls[0], 1),
+            "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3),
+        }
         print(json.dumps(row), flush=True)
 
 

@@ -1,10 +1,12 @@
-"""Per-stage error against the upstream reference (tests/fixtures/dev), for granite_nar and mlx-audio.
+"""Per-stage error against the upstream reference (tests/fixtures/dev), for granite_nar and
+mlx-audio.
 
     python benchmarks/fidelity.py            # mlx-audio too when it is importable
 
-Both run in float32 on the same weights (mlx-audio in its own layout, written by mlx_audio_layout.py).
-Each stage gets the reference's own input, so an error is that stage's own; the last rows run the
-whole pipeline from the waveform. Error = max |ours - reference| / max |reference|.
+Both run in float32 on the same weights (mlx-audio in its own layout, written by
+mlx_audio_layout.py). Each stage gets the reference's own input, so an error is that stage's own;
+the last rows run the whole pipeline from the waveform. Error = max |ours - reference| / max
+|reference|.
 """
 
 import json
@@ -79,7 +81,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="fidelity_") as tmp:
         rows = compare(Path(tmp))
     print(
-        "\n| clip | implementation | features | BPE logits | audio embeddings | editor logits | transcript |"
+        "\n| clip | implementation | features | BPE logits | audio embeddings | editor logits"
+        " | transcript |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for case, impl, s in rows:

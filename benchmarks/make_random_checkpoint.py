@@ -1,13 +1,14 @@
-"""Write a seeded random-weight Granite Speech 4.1 2B NAR checkpoint in the original hub layout.
+r"""Write a seeded random-weight Granite Speech 4.1 2B NAR checkpoint in the original hub layout.
 
-    python benchmarks/make_random_checkpoint.py --out /tmp/granite_full_ckpt [--seed 0] [--shard-gb 2]
+    python benchmarks/make_random_checkpoint.py --out /tmp/granite_full_ckpt \
+        [--seed 0] [--shard-gb 2]
     python benchmarks/make_random_checkpoint.py --out /tmp/rc_small --small     # dev sizes, seconds
 
 The output (config.json, model-0000K-of-0000N.safetensors in bf16, model.safetensors.index.json,
 tokenizer.json, tokenizer_config.json, preprocessor_config.json) has the structure of
-tests/fixtures/dev/checkpoint at the real sizes (~2.25 B parameters, ~4.5 GB), so benchmarks can time
-the real `convert.py -> granite_nar.load -> transcribe` path. Weights are drawn as described in
-tests/fixtures/README.md so activations stay bounded; the tokenizer is a synthetic byte-level
+tests/fixtures/dev/checkpoint at the real sizes (~2.25 B parameters, ~4.5 GB), so benchmarks can
+time the real `convert.py -> granite_nar.load -> transcribe` path. Weights are drawn as described
+in tests/fixtures/README.md so activations stay bounded; the tokenizer is a synthetic byte-level
 BPE with the full vocabulary. Same seed, same bytes. Peak memory is about one shard.
 """
 
@@ -28,12 +29,14 @@ import mlx.core as mx
 DEV = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dev" / "checkpoint"
 
 SIZES = {  # full: Granite Speech 4.1 2B NAR; small: the dev fixture's sizes
-    "full": dict(L=16, D=1024, heads=8, dim_head=128, C=348, context=200, max_pos=512, s=8, V=100352, blank=100257,
-                 H=2048, q_heads=32, llm=2048, e_layers=40, e_heads=16, kv_heads=4, inter=4096, attn_mult=0.0078125,
-                 layer_idx=[4, 8, 12, -1]),
-    "small": dict(L=4, D=64, heads=4, dim_head=16, C=12, context=50, max_pos=64, s=2, V=357, blank=353,
-                  H=128, q_heads=4, llm=96, e_layers=2, e_heads=4, kv_heads=2, inter=192, attn_mult=0.0625,
-                  layer_idx=[1, 2, 3, -1]),
+    "full": dict(L=16, D=1024, heads=8, dim_head=128, C=348, context=200, max_pos=512, s=8,
+                 V=100352, blank=100257,
+                 H=2048, q_heads=32, llm=2048, e_layers=40, e_heads=16, kv_heads=4, inter=4096,
+                 attn_mult=0.0078125, layer_idx=[4, 8, 12, -1]),
+    "small": dict(L=4, D=64, heads=4, dim_head=16, C=12, context=50, max_pos=64, s=2,
+                  V=357, blank=353,
+                  H=128, q_heads=4, llm=96, e_layers=2, e_heads=4, kv_heads=2, inter=192,
+                  attn_mult=0.0625, layer_idx=[1, 2, 3, -1]),
 }  # fmt: skip
 
 
@@ -42,24 +45,26 @@ def make_config(z):
         (DEV / "config.json").read_text()
     )  # same structure and constants, sizes replaced
     config["encoder_config"].update(
-        num_layers=z["L"], hidden_dim=z["D"], num_heads=z["heads"], dim_head=z["dim_head"], output_dim=z["C"],
-        context_size=z["context"], max_pos_emb=z["max_pos"], self_conditioning_layer=z["s"],
-        bpe_output_dim=z["V"], blank_token_id=z["blank"])  # fmt: skip
+        num_layers=z["L"], hidden_dim=z["D"], num_heads=z["heads"], dim_head=z["dim_head"],
+        output_dim=z["C"], context_size=z["context"], max_pos_emb=z["max_pos"],
+        self_conditioning_layer=z["s"], bpe_output_dim=z["V"],
+        blank_token_id=z["blank"])  # fmt: skip
     config["projector_config"].update(
         encoder_dim=z["D"], hidden_size=z["H"], num_heads=z["q_heads"], llm_dim=z["llm"]
     )
     config["text_config"].update(
-        vocab_size=z["V"], hidden_size=z["llm"], intermediate_size=z["inter"], num_hidden_layers=z["e_layers"],
-        num_attention_heads=z["e_heads"], num_key_value_heads=z["kv_heads"],
-        attention_multiplier=z["attn_mult"], bos_token_id=z["blank"], eos_token_id=z["blank"],
-        pad_token_id=z["blank"] - 1)  # fmt: skip
+        vocab_size=z["V"], hidden_size=z["llm"], intermediate_size=z["inter"],
+        num_hidden_layers=z["e_layers"], num_attention_heads=z["e_heads"],
+        num_key_value_heads=z["kv_heads"], attention_multiplier=z["attn_mult"],
+        bos_token_id=z["blank"], eos_token_id=z["blank"], pad_token_id=z["blank"] - 1)  # fmt: skip
     config.update(encoder_layer_indices=z["layer_idx"], blank_token_id=z["blank"])
     return config
 
 
 def weight_specs(c):
-    """[(key, shape, how)] in checkpoint order. how: ("w", gain) normal std gain/sqrt(fan_in); ("n", std) normal;
-    "norm" U(0.9, 1.1); "bias" normal std 0.05; "var" U(0.5, 1.5); "count" int64 scalar."""
+    """[(key, shape, how)] in checkpoint order. how: ("w", gain) normal std gain/sqrt(fan_in);
+    ("n", std) normal; "norm" U(0.9, 1.1); "bias" normal std 0.05; "var" U(0.5, 1.5); "count" int64
+    scalar."""
     e, p, t = c["encoder_config"], c["projector_config"], c["text_config"]
     D, C, E = e["hidden_dim"], e["output_dim"], e["hidden_dim"] * e["conv_expansion_factor"]
     inner, F, H = e["num_heads"] * e["dim_head"], D * e["feedforward_mult"], p["hidden_size"]
@@ -117,7 +122,8 @@ def weight_specs(c):
         )
         s += norm(f"{x}.mlp_norm", H) + lin(f"{x}.mlp.fc1", (H * p["mlp_ratio"], H))
         s += lin(f"{x}.mlp.fc2", (H, H * p["mlp_ratio"]))
-    # out_linear gain 24: audio rows reach the editor at the token rows' RMS (embeddings std 2 x multiplier 12)
+    # out_linear gain 24: audio rows reach the editor at the token rows' RMS
+    # (embeddings std 2 x multiplier 12)
     s += norm("projector.out_norm", H) + lin("projector.out_linear", (p["llm_dim"], H), gain=24.0)
     m = "language_model.model"
     s += [(f"{m}.embed_tokens.weight", (t["vocab_size"], h), ("n", 2.0))]
@@ -138,7 +144,8 @@ def weight_specs(c):
 
 
 def draw(key, shape, how, seed):
-    """One tensor (bf16, or int64 for the BatchNorm counter), from a key derived from (seed, name)."""
+    """One tensor (bf16, or int64 for the BatchNorm counter), from a key derived from
+    (seed, name)."""
     if how == "count":
         return mx.array(5001, dtype=mx.int64)
     k = mx.random.key((seed << 32) | zlib.crc32(key.encode()))
@@ -160,7 +167,8 @@ def nbytes(shape, how):
 
 
 def make_tokenizer(vocab_size, pad_id):
-    """Synthetic byte-level BPE: 256 bytes, then merged pairs/triples up to pad_id, then special tokens."""
+    """Synthetic byte-level BPE: 256 bytes, then merged pairs/triples up to pad_id, then special
+    tokens."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
@@ -223,8 +231,11 @@ def main():
         size += b
     total = sum(nbytes(shape, how) for _, shape, how in specs)
     n_params = sum(nbytes(shape, how) // 2 for _, shape, how in specs if how != "count")
-    print(f"{len(specs)} tensors, {n_params / 1e9:.3f} B parameters, {total / 1e9:.2f} GB, {len(shards)} shards",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"{len(specs)} tensors, {n_params / 1e9:.3f} B parameters, {total / 1e9:.2f} GB,"
+        f" {len(shards)} shards",
+        file=sys.stderr,
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -239,8 +250,12 @@ def main():
                 mx.eval(tensors[key])
                 weight_map[key] = name
             mx.save_safetensors(str(tmp / name), tensors, metadata={"format": "pt"})
-            print(f"  wrote {name}: {len(tensors)} tensors, {sum(v.nbytes for v in tensors.values()) / 1e9:.2f} GB"
-                  f" ({time.time() - start:.0f} s)", file=sys.stderr)  # fmt: skip
+            print(
+                f"  wrote {name}: {len(tensors)} tensors,"
+                f" {sum(v.nbytes for v in tensors.values()) / 1e9:.2f} GB"
+                f" ({time.time() - start:.0f} s)",
+                file=sys.stderr,
+            )
             del tensors
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

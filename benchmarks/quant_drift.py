@@ -1,6 +1,7 @@
-"""How far convert.py's editor quantization moves the editor's logits, per bits and group size.
+r"""How far convert.py's editor quantization moves the editor's logits, per bits and group size.
 
-    python benchmarks/quant_drift.py --model DIR [--bits 4 5 6 8] [--group-sizes 32 64 128] [--seconds 10]
+    python benchmarks/quant_drift.py --model DIR [--bits 4 5 6 8] [--group-sizes 32 64 128] \
+        [--seconds 10]
 
 DIR is a bf16 convert.py output (make_random_checkpoint.py, then convert.py). One JSON line per
 setting, then a Markdown table: model.safetensors' tensor bytes, the editor's logit error
@@ -87,25 +88,36 @@ def main():
             size = all_bytes + sum(
                 sum(a.nbytes for a in q) - matrices[p].size * 2 for p, q in packed.items()
             )
-            weights = {p: mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size, bits)
-                       for p, (w, s, b) in packed.items()}  # fmt: skip
+            weights = {
+                p: mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size, bits)
+                for p, (w, s, b) in packed.items()
+            }
             logits = editor_logits(model, audio_embeds, text_ids, weights)
             del packed, weights
-            row = {"bits": bits, "group_size": group_size, "size_gb": size / 1e9,
-                   "rel_err": float(np.abs(logits - ref).max() / np.abs(ref).max()),
-                   "top1_agree": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
-                   "final_ids_equal": g.ctc_collapse(logits.argmax(-1), blank) == g.ctc_collapse(ref.argmax(-1), blank)}  # fmt: skip
+            row = {
+                "bits": bits,
+                "group_size": group_size,
+                "size_gb": size / 1e9,
+                "rel_err": float(np.abs(logits - ref).max() / np.abs(ref).max()),
+                "top1_agree": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
+                "final_ids_equal": (
+                    g.ctc_collapse(logits.argmax(-1), blank)
+                    == g.ctc_collapse(ref.argmax(-1), blank)
+                ),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(
-        "\n| bits | group | model.safetensors | editor logits, max rel. error | top-1 agreement | final ids |"
+        "\n| bits | group | model.safetensors | editor logits, max rel. error | top-1 agreement"
+        " | final ids |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         bits, group = r["bits"] or "bf16", r["group_size"] or "-"
         same = "same" if r["final_ids_equal"] else "differ"
         print(
-            f"| {bits} | {group} | {r['size_gb']:.2f} GB | {r['rel_err']:.2e} | {r['top1_agree']:.3f} | {same} |"
+            f"| {bits} | {group} | {r['size_gb']:.2f} GB | {r['rel_err']:.2e}"
+            f" | {r['top1_agree']:.3f} | {same} |"
         )
 
 

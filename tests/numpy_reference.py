@@ -257,7 +257,8 @@ def reference_stages(config, weights, waveform):
 
 
 def load_checkpoint(path):
-    """(config, float64 weights) from an upstream checkpoint dir (bf16 safetensors, read via mlx)."""
+    """(config, float64 weights) from an upstream checkpoint dir (bf16 safetensors, read via
+    mlx)."""
     import mlx.core as mx
 
     config = json.load(open(os.path.join(path, "config.json")))

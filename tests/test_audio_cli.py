@@ -80,7 +80,8 @@ def test_resampler_keeps_frequency_and_amplitude(rate):
 
 @pytest.mark.parametrize("rate", [22050, 44100, 44056, 48000, 96000])
 def test_resampler_rejects_energy_above_8khz(rate):
-    # The stopband starts at 8 kHz: above it nothing may alias into the 16 kHz output (>= 80 dB down).
+    # The stopband starts at 8 kHz: above it nothing may alias into the 16 kHz output
+    # (>= 80 dB down).
     for freq in np.linspace(8200, rate / 2 - 50, 12):
         y = g.Resampler(rate)(_sine(freq, rate, 1.0), last=True)
         rms = np.sqrt(np.mean(_interior(y) ** 2))
@@ -112,7 +113,8 @@ def test_resampler_streams_block_by_block(rate):
 
 
 def test_formats_rates_and_channels(tmp_path):
-    # Every format this libsndfile writes comes back as the same 16 kHz mono signal; channels are averaged.
+    # Every format this libsndfile writes comes back as the same 16 kHz mono signal; channels are
+    # averaged.
     left, right = _sine(440, 44100, 1.5, 0.6), _sine(440, 44100, 1.5, 0.2)
     expected = _sine(440, SR, 1.5, 0.4)
     for name, fmt in [("a.wav", "WAV"), ("a.flac", "FLAC"), ("a.ogg", "OGG"), ("a.mp3", "MP3")]:
@@ -256,8 +258,8 @@ def test_long_audio_is_transcribed_window_by_window(loaded):
 
 
 def test_editing_steps_feed_each_output_back(loaded):
-    # Step k + 1 reads step k's CTC-collapsed output, over the audio embeddings of the one encoder pass.
-    # At half its level, the fixture clip is one where the second step still changes the ids.
+    # Step k + 1 reads step k's CTC-collapsed output, over the audio embeddings of the one encoder
+    # pass. At half its level, the fixture clip is one where the second step still changes the ids.
     model, tokenizer = loaded
     blank, x = model.args.blank_token_id, 0.5 * g.load_audio(AUDIO)
     bpe_logits, audio_embeds = model.encode(g.log_mel([x])[0])
@@ -293,8 +295,18 @@ def _run(*args):
 def test_help_explains_the_options():
     result = _run("--help")
     assert result.returncode == 0
-    for option in ("--model", "--chunk-seconds", "--editing-steps", "--output-format", "--output-dir", "--dtype",
-                   "--verbose", "--quiet", "examples:", "Exit status"):  # fmt: skip
+    for option in (
+        "--model",
+        "--chunk-seconds",
+        "--editing-steps",
+        "--output-format",
+        "--output-dir",
+        "--dtype",
+        "--verbose",
+        "--quiet",
+        "examples:",
+        "Exit status",
+    ):
         assert option in result.stdout, option
 
 
@@ -372,14 +384,16 @@ def test_progress_verbose_quiet_and_editing_steps(model_dir, tmp_path):
 
 PEAK_RSS = """import resource, subprocess, sys
 code = subprocess.run(sys.argv[1:]).returncode
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # of the CLI, this process's only child
+# RUSAGE_CHILDREN: of the CLI, this process's only child
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(peak / (2**20 if sys.platform == "darwin" else 2**10), file=sys.stderr)
 sys.exit(code)
 """
 
 
 def _speechlike(path, minutes, rate=44100):
-    """Tone bursts with a 0.2 s pause every second plus noise, stereo PCM16, written a second at a time."""
+    """Tone bursts with a 0.2 s pause every second plus noise, stereo PCM16, written a second at a
+    time."""
     rng = np.random.default_rng(0)
     with sf.SoundFile(path, "w", rate, 2, "PCM_16") as f:
         for second in range(round(minutes * 60)):
@@ -391,10 +405,10 @@ def _speechlike(path, minutes, rate=44100):
 
 
 def test_ten_minutes_in_flat_memory(model_dir, tmp_path):
-    # A 10-minute 44.1 kHz stereo file (106 MB as PCM16, 212 MB as float32; 38 MB even as 16 kHz mono
-    # float32) must take no more memory than a 5-minute one: it is read, resampled and transcribed a
-    # batch of windows at a time, and at most MAX_TRACES compiled shapes are kept (both files have more
-    # windows than that: one a batch here).
+    # A 10-minute 44.1 kHz stereo file (106 MB as PCM16, 212 MB as float32; 38 MB even as 16 kHz
+    # mono float32) must take no more memory than a 5-minute one: it is read, resampled and
+    # transcribed a batch of windows at a time, and at most MAX_TRACES compiled shapes are kept
+    # (both files have more windows than that: one a batch here).
     peaks = {}
     for minutes in (5, 10):
         _speechlike(tmp_path / f"{minutes}.wav", minutes)
@@ -406,8 +420,20 @@ def test_ten_minutes_in_flat_memory(model_dir, tmp_path):
             "granite_nar.py",
             tmp_path / f"{minutes}.wav",
         ]
-        result = subprocess.run([*map(str, command), "--model", model_dir, "--output-format", "json", "--batch-size", "1"],
-                                capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        result = subprocess.run(
+            [
+                *map(str, command),
+                "--model",
+                model_dir,
+                "--output-format",
+                "json",
+                "--batch-size",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert result.returncode == 0, result.stderr
         *progress, peak = result.stderr.splitlines()
         peaks[minutes] = float(peak)

@@ -1,4 +1,5 @@
-"""The benchmark scripts run and print the rows benchmarks/README.md reads (schema only: no timing asserts)."""
+"""The benchmark scripts run and print the rows benchmarks/README.md reads (schema only: no timing
+asserts)."""
 
 import json
 import os

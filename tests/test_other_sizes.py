@@ -32,7 +32,8 @@ MARGIN = 1e-3  # ids taken by argmax are compared only where top-1 minus top-2 e
 # Each case: sizes (all differ from dev), the blank's position among the 5 specials, and encoder
 # frame counts T (n_samples = 320 T + extra) chosen to hit / miss every padding path.
 CASES = {
-    # even kernel; T=30 < context 40 (single partial block) but a multiple of W, B, r; T=120 all exact
+    # even kernel; T=30 < context 40 (single partial block) but a multiple of W, B, r;
+    # T=120 all exact
     "k4_selfcond1": dict(
         enc=dict(
             num_layers=3,
@@ -371,7 +372,8 @@ def to_bf16(w):
 
 
 def write_tokenizer(path, cfg, case):
-    """The dev tokenizer cut to V - 5 ordinary tokens, then the 5 specials with the blank in its slot."""
+    """The dev tokenizer cut to V - 5 ordinary tokens, then the 5 specials with the blank in its
+    slot."""
     tok = json.loads(DEV_TOKENIZER.read_text())
     n_ordinary = case["vocab"] - 5
     vocab = {t: i for t, i in tok["model"]["vocab"].items() if i < n_ordinary}
@@ -433,7 +435,8 @@ def built(request, tmp_path_factory):
         for j, (T, extra) in enumerate(case["frames"])
     ]
 
-    # Center the BPE head: raise the blank's bias so it wins in ~40 % of the longest utterance's windows.
+    # Center the BPE head: raise the blank's bias so it wins in ~40 % of the longest utterance's
+    # windows.
     _, w64 = to_bf16(w)
     logits = reference_stages(cfg, w64, max(waves, key=len))["encoder_bpe_logits"]
     blank = cfg["blank_token_id"]
