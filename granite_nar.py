@@ -838,14 +838,15 @@ def load(path, dtype=None, dequantize=None):
     config, model, weights = read_checkpoint(path)
     q = config.get("quantization")
     if bool(q) != any(k.endswith(".scales") for k in weights):
-        raise ValueError(f"{path}: config.json's quantization {q} does not match the tensors")
+        found = "unquantized" if q else "quantized"
+        raise ValueError(f"{path}: config.json's quantization is {q}, but the tensors are {found}")
     dtype = dtype or default_dtype()
     if q and (mx.default_device() == mx.cpu if dequantize is None else dequantize):
-        for scales in [k for k in weights if k.endswith(".scales")]:
-            name = scales.removesuffix(".scales")
-            weight = mx.dequantize(weights.pop(f"{name}.weight"), weights.pop(scales), weights.pop(f"{name}.biases", None),
-                                   q["group_size"], q["bits"], mode=q.get("mode", "affine"))  # fmt: skip
-            weights[f"{name}.weight"] = weight.astype(dtype)
+        for scales in [k for k in weights if k.endswith(".scales")]:  # in dtype, as a layer would
+            name, mode = scales.removesuffix(".scales"), q.get("mode", "affine")
+            b = weights.pop(f"{name}.biases", None)
+            w, s, b = weights.pop(f"{name}.weight"), weights.pop(scales).astype(dtype), b if b is None else b.astype(dtype)
+            weights[f"{name}.weight"] = mx.dequantize(w, s, b, q["group_size"], q["bits"], mode=mode)
             mx.eval(weights[f"{name}.weight"])
         warnings.warn(f"{path}: the {q['bits']}-bit editor is dequantized to {dtype} (MLX's CPU "
                       "quantized matmuls are slow; load(..., dequantize=False) keeps it)", stacklevel=2)  # fmt: skip
@@ -1005,8 +1006,10 @@ def _audio_blocks(audio, sample_rate=None):
             if n_read == 0:
                 raise ValueError(f"{audio}: audio is empty (0 samples in a {f.format} file)")
             yield resample(block.mean(axis=1), last) if resample else block.mean(axis=1)
-        if 0 < f.frames and n_read < f.frames:
-            warnings.warn(f"{audio}: truncated: its header says {f.frames / rate:.2f} s, but only "
+        cut = re.search(r"data : (\d+) \(should be (\d+)\)", f.extra_info)  # libsndfile's log
+        header = f.frames * int(cut[1]) / int(cut[2]) if cut else f.frames  # frames it announces
+        if n_read < header - 1:
+            warnings.warn(f"{audio}: truncated: its header says {header / rate:.2f} s, but only "
                           f"{n_read / rate:.2f} s could be read", stacklevel=2)  # fmt: skip
 
 

@@ -551,7 +551,9 @@ def test_cli_convert_then_transcribe(tmp_path):
     expected = [
         json.loads((FIXTURE / f"{name}.json").read_text())["decoded_text"] for name in CASES
     ]
-    assert result.stdout == "".join(text + "\n" for text in expected)
+    files = [FIXTURE / "audio.wav", FIXTURE / "audio_short.wav"]  # named as head names them
+    blocks = [f"==> {path} <==\n{text}\n" for path, text in zip(files, expected)]
+    assert result.stdout == "\n".join(blocks)
 
 
 def test_cli_reports_bad_files_and_keeps_going(model_dir, tmp_path):
@@ -564,10 +566,8 @@ def test_cli_reports_bad_files_and_keeps_going(model_dir, tmp_path):
     )
     assert result.returncode == 1
     assert "missing.wav" in result.stderr
-    assert (
-        result.stdout
-        == json.loads((FIXTURE / "golden_short.json").read_text())["decoded_text"] + "\n"
-    )
+    text = json.loads((FIXTURE / "golden_short.json").read_text())["decoded_text"]
+    assert result.stdout == f"==> {FIXTURE / 'audio_short.wav'} <==\n{text}\n"
     result = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", tmp_path / "nowhere")
     assert result.returncode == 1 and "model directory not found" in result.stderr
 
@@ -599,9 +599,12 @@ def _dequantized_editor_model(model_dir, bits):
     return model
 
 
-def test_quantized_editor_equals_dequantized_weights(model_dir, quantized, case):
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_quantized_editor_equals_dequantized_weights(model_dir, quantized, case, dequantize):
+    """Quantized layers, or (the default on a CPU) their weights dequantized at load: the same."""
     bits, q_dir = quantized
-    q_model, _ = g.load(q_dir, dtype=mx.float32)
+    q_model, _ = g.load(q_dir, dtype=mx.float32, dequantize=dequantize)
+    assert isinstance(q_model.editor.layers[0].mlp.up_proj, nn.QuantizedLinear) != dequantize
     reference = _dequantized_editor_model(model_dir, bits)
     audio_embeds, hypothesis = case["audio_embeds"], case["encoder_preds"].tolist()
     ours, ref = edit1(q_model, audio_embeds, hypothesis), edit1(reference, audio_embeds, hypothesis)
@@ -616,7 +619,7 @@ def test_quantized_editor_equals_dequantized_weights(model_dir, quantized, case)
 
 def test_quantized_module_types_config_and_size(model_dir, quantized):
     bits, q_dir = quantized
-    model, _ = g.load(q_dir)
+    model, _ = g.load(q_dir, dequantize=False)
     assert json.loads((q_dir / "config.json").read_text())["quantization"] == {
         "bits": bits, "group_size": Q_GROUP, "scope": "editor"}  # fmt: skip
     assert isinstance(model.editor.embed_tokens, nn.QuantizedEmbedding)
@@ -660,7 +663,7 @@ def test_quantize_scope_all(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "editor" in result.stderr and "MB" in result.stderr  # the per-component size table
-    model, _ = g.load(out)
+    model, _ = g.load(out, dequantize=False)
     assert isinstance(model.encoder.layers[0].ff1.up_proj, nn.QuantizedLinear)  # input 64
     assert isinstance(model.encoder.input_linear, nn.QuantizedLinear)  # input 160 = 5 x 32
     assert isinstance(model.encoder.out_mid, nn.Linear)  # input 12: not divisible, stays float
@@ -687,11 +690,11 @@ def test_quantization_errors(quantized, tmp_path):
     config["quantization"]["bits"] = 8 if bits != 8 else 4
     (wrong_bits / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="mis-shaped: editor"):
-        g.load(wrong_bits)
+        g.load(wrong_bits, dequantize=False)
     del config["quantization"]
     (wrong_bits / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="tensors are quantized"):
-        g.load(wrong_bits)
+        g.load(wrong_bits, dequantize=False)
 
 
 # ---- other layouts and the Hub ----
@@ -719,7 +722,8 @@ def test_load_mlx_audio_quantized_layout(quantized, tmp_path):
         == config["quantization_config"]
         == {"group_size": Q_GROUP, "bits": bits, "mode": "affine"}
     )
-    ours, theirs = g.load(q_dir)[0], g.load(tmp_path / "mlx_audio_q")[0]
+    ours = g.load(q_dir, dequantize=False)[0]
+    theirs = g.load(tmp_path / "mlx_audio_q", dequantize=False)[0]
     assert isinstance(theirs.editor.embed_tokens, nn.QuantizedEmbedding)
     audio_embeds, hypothesis = mx.random.normal((7, 96)), [5, 9, 5, 300]
     np.testing.assert_array_equal(

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import mlx.core as mx
@@ -155,26 +156,52 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.flac"):
         g.load_audio(tmp_path / "nope.flac")
     (tmp_path / "notes.m4a").write_text("not audio")
-    with pytest.raises(ValueError, match=r"notes.m4a: cannot read .m4a audio .*WAV.*ffmpeg"):
-        g.load_audio(tmp_path / "notes.m4a")
+    m4a = str(tmp_path / "notes.m4a")
+    with pytest.raises(ValueError, match=rf"notes.m4a: cannot read .* ffmpeg -i {m4a} notes.wav"):
+        g.load_audio(m4a)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF not really a wav file")
+    with pytest.raises(ValueError, match="corrupt.wav: cannot read") as error:
+        g.load_audio(tmp_path / "corrupt.wav")
+    assert "ffmpeg" not in str(error.value)  # converting a .wav to a .wav would not help
+    (tmp_path / "zero.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"zero.wav: the file is empty \(0 bytes\)"):
+        g.load_audio(tmp_path / "zero.wav")
     sf.write(tmp_path / "empty.wav", np.zeros((0, 1), np.float32), SR)
     with pytest.raises(ValueError, match="empty.wav: audio is empty"):
         g.load_audio(tmp_path / "empty.wav")
     bad = np.zeros(3 * SR, np.float32)
-    bad[2 * SR] = np.inf
+    bad[SR + SR // 4] = np.inf
     sf.write(tmp_path / "inf.wav", bad, SR, subtype="FLOAT")
-    with pytest.raises(ValueError, match="inf.wav: NaN or infinite samples"):
+    with pytest.raises(ValueError, match="inf.wav: NaN or infinite samples at 1.25 s"):
         g.load_audio(tmp_path / "inf.wav")
-    with pytest.raises(ValueError, match="NaN"):
-        g.load_audio(np.full(100, np.nan))
+    with pytest.raises(ValueError, match="NaN or infinite samples at 0.50 s"):
+        g.load_audio(np.concatenate([np.zeros(SR // 2), [np.nan]]))
     with pytest.raises(ValueError, match="empty"):
         g.load_audio(np.zeros(0))
     with pytest.raises(ValueError, match=r"got shape \(2, 16000\)"):
         g.load_audio(np.zeros((2, SR)))  # (channels, n_samples): transposed
-    with pytest.raises(ValueError, match="sample_rate"):
-        g.load_audio(np.zeros(SR), sample_rate=44100.5)
+    for rate in (44100.5, "16000", float("inf"), 0):
+        with pytest.raises(ValueError, match="sample_rate must be a positive whole number"):
+            g.load_audio(np.zeros(SR), sample_rate=rate)
     with pytest.raises(ValueError, match="sample_rate is for arrays"):
         g.load_audio(AUDIO, sample_rate=SR)
+    with pytest.raises(ValueError, match="expected a file path, a file object or a waveform"):
+        g.load_audio({"not": "audio"})
+
+
+def test_uint8_file_objects_and_truncated_files(tmp_path):
+    x = g.load_audio(AUDIO)
+    sf.write(tmp_path / "u8.wav", x, SR, subtype="PCM_U8")
+    with wave.open(str(tmp_path / "u8.wav")) as f:  # its samples as scipy.io.wavfile gives them
+        pcm8 = np.frombuffer(f.readframes(f.getnframes()), np.uint8)
+    np.testing.assert_array_equal(g.load_audio(pcm8), g.load_audio(tmp_path / "u8.wav"))
+    with open(AUDIO, "rb") as f:  # a file object reads as its file does
+        np.testing.assert_array_equal(g.load_audio(f), x)
+    data = AUDIO.read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 8])  # the header still says 3.43 s
+    with pytest.warns(UserWarning, match=r"cut.wav: truncated: its header says 3.43 s, but only 0.4\d s"):
+        cut = g.load_audio(tmp_path / "cut.wav")
+    np.testing.assert_array_equal(cut, x[: len(cut)])
 
 
 def test_short_and_silent_audio_give_empty_text(loaded):
