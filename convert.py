@@ -4,11 +4,11 @@
 
     python convert.py --hf-path ... --mlx-path granite_nar_mlx_5bit -q        # 5-bit editor
 
-Reads config.json, model.safetensors (or shards + model.safetensors.index.json) in the original hub
-namespace (encoder.*, projector.*, language_model.model.*) or the transformers-native one (model.*,
-lm_head.*), renames and re-lays the tensors for granite_nar.py, optionally quantizes them, and
-writes model.safetensors, config.json and the tokenizer files. The output directory appears
-complete or not at all.
+Reads config.json, model.safetensors (or shards + model.safetensors.index.json) in the original
+hub layout (encoder.*, projector.*, language_model.model.*) or a transformers one (model.*), renames
+and re-lays the tensors for granite_nar.py, optionally quantizes them, and writes
+model.safetensors, config.json (in the original layout's keys) and the tokenizer files. The output
+directory appears complete or not at all.
 """
 
 import argparse
@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from granite_nar import GraniteNAR, ModelArgs, check_weights, read_config, read_weights, sanitize
+from granite_nar import check_weights, read_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -71,9 +71,7 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
         raise FileNotFoundError(
             f"{hf_path / 'tokenizer.json'} not found: the transcript cannot be decoded without it"
         )
-    config = read_config(hf_path)
-    model = GraniteNAR(ModelArgs.from_dict(config))
-    weights = sanitize(read_weights(hf_path))
+    config, model, weights = read_checkpoint(hf_path)  # any layout, in granite_nar's names
     check_weights(model, weights)
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}

@@ -1,26 +1,18 @@
 """Granite Speech 4.1 2B NAR speech recognition in MLX, in one file.
 
-IBM's ibm-granite/granite-speech-4.1-2b-nar transcribes in two non-autoregressive passes:
-
     16 kHz audio -> log-mel (T, 160), 50 frames/s
       -> Conformer encoder -> pooled BPE CTC head -> greedy CTC collapse = first hypothesis
       -> windowed Q-Former over encoder layers [4, 8, 12, last] -> audio embeddings (T // 5 rows)
       -> bidirectional Granite editor over [audio | _ t1 _ t2 ... _] -> CTC collapse -> text
 
-The editor reads the hypothesis with a blank slot around every token and rewrites every slot at
-once, so a transcript costs one encoder pass and one editor pass, whatever its length.
+The editor rewrites every blank-interleaved slot of the hypothesis at once: a transcript costs
+one encoder pass and one editor pass. Sections follow the data: config, featurizer, encoder,
+projector, editor, model, decoding, loading, audio input, transcription, command line. The
+reference is IBM's released code (transformers granite_speech_nar @032cc088).
 
-Usage:
-    python granite_nar.py audio.wav [--model DIR|REPO]          (--help lists the options)
-
-    import granite_nar as g
-    model, tokenizer = g.load("granite_nar_mlx")
-    print(g.transcribe(model, tokenizer, "audio.wav"))
-
-The file runs in the order the data flows: config, featurizer, encoder, projector, editor, the
-model, decoding, loading, audio input, transcription, command line. Reference: IBM's released
-PyTorch code (transformers granite_speech_nar @032cc088); test_granite_nar.py checks every stage
-against its outputs.
+    python granite_nar.py audio.wav [--model DIR|REPO]     (--help lists the options)
+    model, tokenizer = granite_nar.load("granite_nar_mlx")
+    text = granite_nar.transcribe(model, tokenizer, "audio.wav")
 """
 
 import argparse
@@ -40,17 +32,14 @@ from pathlib import Path
 
 
 def _load_openblas():
-    """MLX's Linux CPU wheel multiplies float32 matrices with a slow reference BLAS. OpenBLAS,
-    loaded with RTLD_GLOBAL before MLX, provides the same symbols and takes over."""
-    if sys.platform != "linux":
-        return True
+    """MLX's Linux CPU wheel has a slow reference BLAS; OpenBLAS, loaded with RTLD_GLOBAL before
+    MLX, provides the same symbols. Returns whether the BLAS is a fast one."""
     for name in filter(None, (ctypes.util.find_library("openblas"), "libopenblas.so.0")):
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            return True
+            return bool(ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL))
         except OSError:
             pass
-    return False
+    return sys.platform != "linux"
 
 
 HAS_OPENBLAS = _load_openblas()
@@ -142,11 +131,8 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, config):
-        sections = ("encoder_config", "projector_config", "text_config")
-        missing = [
-            k for k in (*sections, "encoder_layer_indices", "blank_token_id") if k not in config
-        ]
-        if missing:
+        sections = {"encoder_config": EncoderArgs, "projector_config": ProjectorArgs}
+        if missing := [k for k in (*sections, "text_config") if k not in config]:
             raise ValueError(
                 f"config.json lacks {', '.join(missing)}: not a Granite Speech NAR config"
             )
@@ -155,15 +141,11 @@ class ModelArgs:
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"config.json: rope_type {rope['rope_type']!r} is not supported")
         text.setdefault("rope_theta", rope.get("rope_theta"))
-        return cls(
-            encoder=_from_dict(EncoderArgs, config["encoder_config"], "encoder_config"),
-            projector=_from_dict(ProjectorArgs, config["projector_config"], "projector_config"),
-            editor=_from_dict(EditorArgs, text, "text_config"),
-            encoder_layer_indices=list(config["encoder_layer_indices"]),
-            blank_token_id=config["blank_token_id"],
-            min_edit_sequence_length=config.get("min_edit_sequence_length", 0),
-            scale_projected_embeddings=config.get("scale_projected_embeddings", True),
-        )
+        editor = _from_dict(EditorArgs, text, "text_config")
+        parts = {
+            k.removesuffix("_config"): _from_dict(c, config[k], k) for k, c in sections.items()
+        }
+        return _from_dict(cls, {**config, **parts, "editor": editor}, "the top level")
 
 
 # ---- featurizer ----
@@ -193,21 +175,31 @@ def log_mel(waveforms):
             raise ValueError(f"log_mel takes a list of mono waveforms (n,), got shape {w.shape}")
         if len(w) < SAMPLES_PER_FRAME:
             raise ValueError(f"audio too short: {len(w)} samples, at least 320 needed")
-    pad = N_FFT // 2  # center=True: reflect-pad each side (w[pad] .. w[1] | w | w[-2] ..)
+    pad = N_FFT // 2  # center=True: reflect padding (w[pad] .. w[1] | w | w[-2] ..), then zeros
     x = np.zeros((len(waveforms), max(map(len, waveforms)) + 2 * pad), np.float32)
-    for row, w in zip(x, waveforms):
-        row[: len(w) + 2 * pad] = np.pad(w, pad, mode="reflect")
+    for row, w in zip(x, waveforms):  # written in place: np.pad would copy every row once more
+        n = len(w)
+        row[:pad], row[pad : pad + n], row[pad + n : n + 2 * pad] = (
+            w[pad:0:-1],
+            w,
+            w[-2 : -pad - 2 : -1],
+        )
     lengths = [len(w) // SAMPLES_PER_FRAME for w in waveforms]
+    return _log_mel(mx.array(x), mx.array(lengths)), lengths
+
+
+@mx.compile  # its elementwise steps fused into few kernels; a trace per input shape (a few ops)
+def _log_mel(x, lengths):  # (B, n + N_FFT) padded waveforms, (B,) frames -> (B, T, 160)
     B, n = x.shape
     n_frames = 2 * ((n - N_FFT) // SAMPLES_PER_FRAME)  # an even count of STFT frames
-    frames = mx.as_strided(mx.array(x), (B, n_frames, N_FFT), (n, HOP_LENGTH, 1))
+    frames = mx.as_strided(x, (B, n_frames, N_FFT), (n, HOP_LENGTH, 1))
     spectrum = mx.fft.rfft(frames * WINDOW)  # (B, 2T, 257)
     power = mx.square(spectrum.real) + mx.square(spectrum.imag)
     logmel = mx.log10(mx.maximum(power @ MEL_FILTERS, 1e-10))  # (B, 2T, 80)
-    real = (mx.arange(n_frames) < 2 * mx.array(lengths)[:, None])[..., None]
+    real = (mx.arange(n_frames) < 2 * lengths[:, None])[..., None]
     top = mx.where(real, logmel, -mx.inf).max(axis=(1, 2), keepdims=True)  # per utterance
     logmel = mx.where(real, mx.maximum(logmel, top - 8.0) / 4 + 1, 0)
-    return logmel.reshape(B, -1, 2 * N_MELS), lengths
+    return logmel.reshape(B, -1, 2 * N_MELS)
 
 
 # ---- Conformer encoder ----
@@ -519,10 +511,9 @@ class GraniteEditor(nn.Module):
 
 
 class Compiled:
-    """mx.compile(fun), keeping the traces of at most MAX_TRACES input shapes. A pass is traced
-    once per shape, then replayed without Python's per-op dispatch, with elementwise chains fused;
-    mx.compile would keep every shape's trace, and window after window of long audio brings new
-    ones."""
+    """mx.compile(fun): a pass traced once per input shape, then replayed without Python's per-op
+    dispatch, elementwise chains fused. It keeps at most MAX_TRACES shapes' traces (mx.compile
+    keeps all, and window after window of long audio brings new ones)."""
 
     MAX_TRACES = 8
 
@@ -556,9 +547,7 @@ class GraniteNAR(nn.Module):
         frame changes no real frame's outputs."""
         hidden_states, bpe_logits = self.encoder(features, mask)
         multilayer = mx.concatenate([hidden_states[i] for i in self.args.encoder_layer_indices], -1)
-        n_audio = (
-            features.shape[1] // self.args.projector.downsample_rate
-        )  # drops the last block's tail
+        n_audio = features.shape[1] // self.args.projector.downsample_rate  # whole queries only
         audio_embeds = self.projector(multilayer, mask)[:, :n_audio]
         if self.args.scale_projected_embeddings:
             audio_embeds = audio_embeds / self.args.editor.embedding_multiplier
@@ -568,10 +557,9 @@ class GraniteNAR(nn.Module):
         """Audio embeddings (B, A, llm_dim), slot ids (B, L) (insert_slots) -> logits (B, L,
         vocab) of the text slots. In a padded batch, sample b has audio_lengths[b] audio rows and
         text_lengths[b] slots: it reads [audio_b | slots_b] at positions 0.. and no padding."""
-        A, L = audio_embeds.shape[1], text_ids.shape[1]
-        if audio_lengths is None:
-            inputs_embeds = mx.concatenate([audio_embeds, self.editor.embed_tokens(text_ids)], 1)
-            return self.editor.head(self.editor(inputs_embeds)[:, A:])
+        (B, A, _), L = audio_embeds.shape, text_ids.shape[1]
+        audio_lengths = mx.full((B,), A) if audio_lengths is None else audio_lengths
+        text_lengths = mx.full((B,), L) if text_lengths is None else text_lengths
         text_pos = mx.arange(A + L) - audio_lengths[:, None]  # (B, S): negative on audio rows
         slot_ids = mx.take_along_axis(text_ids, mx.clip(text_pos, 0, L - 1), axis=1)
         is_audio = (text_pos < 0)[..., None]
@@ -672,7 +660,7 @@ PREFIXES = (
 )
 RENAMES = ((".depth_conv.conv.", ".depth_conv."), (".conv.bn.", ".conv.batch_norm."))
 RENAMES += ((".cross_attn.", ".cross_attention."),)
-NATIVE_KEYS = {  # the transformers-native config.json's names -> the original's, by section
+NATIVE_KEYS = {  # the transformers-native config.json's keys -> the original layout's
     "encoder_config": {"vocabulary_size": "bpe_output_dim", "pooling_window": "bpe_pooling_window"},
     "projector_config": {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
                          "window_size": "block_size", "layer_norm_eps": "layernorm_eps",
@@ -680,30 +668,23 @@ NATIVE_KEYS = {  # the transformers-native config.json's names -> the original's
 }  # fmt: skip
 
 
-def is_native(config):
-    """The transformers-native layout's config.json: no encoder_layer_indices, renamed keys."""
-    encoder = config.get("encoder_config") or {}
-    return "encoder_layer_indices" not in config and bool(
-        {"vocabulary_size", "pooling_window"} & set(encoder)
-    )
-
-
 def from_native(config):
-    """A transformers-native config.json -> the original layout's. It has no layer list (the
-    last layer follows cat_hidden_layers) nor min_edit_sequence_length (IBM's is 8), and its
-    projector is as wide as the editor."""
-    config = json.loads(json.dumps(config))
+    """A transformers-native config.json -> the original layout's, or None for another layout.
+    The native one lists cat_hidden_layers (the last layer always follows), has no
+    min_edit_sequence_length (IBM's is 8), and its projector is as wide as the editor."""
+    encoder = config.get("encoder_config") or {}
+    if "encoder_layer_indices" in config or not {"vocabulary_size", "pooling_window"} & set(
+        encoder
+    ):
+        return None
+    config = {k: v for k, v in config.items()}
     for section, names in NATIVE_KEYS.items():
-        config[section] = {names.get(k, k): v for k, v in config[section].items()}
-    encoder, projector = config["encoder_config"], config["projector_config"]
+        config[section] = {names.get(k, k): v for k, v in config.get(section, {}).items()}
     layers = list(encoder.get("cat_hidden_layers", [4, 8, 12])) + [-1]
-    try:
-        projector.update(llm_dim=projector["hidden_size"], encoder_dim=encoder["hidden_dim"],
-                         num_encoder_layers=len(layers), mlp_ratio=0)  # fmt: skip
-    except KeyError as e:
-        raise ValueError(f"config.json (transformers-native layout) lacks {e}") from None
-    config.setdefault("min_edit_sequence_length", 8)
-    return {**config, "encoder_layer_indices": layers}
+    projector = config["projector_config"]
+    projector.update(encoder_dim=encoder.get("hidden_dim"), num_encoder_layers=len(layers))
+    projector.update(llm_dim=projector.get("hidden_size"), mlp_ratio=0)  # intermediate_size kept
+    return {"min_edit_sequence_length": 8, **config, "encoder_layer_indices": layers}
 
 
 def sanitize(weights):
@@ -725,19 +706,12 @@ def sanitize(weights):
 
 def check_weights(model, weights):
     """Raise a ValueError naming every unknown, missing or mis-shaped tensor."""
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    problems = []
-    for label, keys in (
-        ("unknown", set(weights) - set(expected)),
-        ("missing", set(expected) - set(weights)),
-    ):
-        if keys:
-            keys = sorted(keys)
-            problems.append(
-                f"{len(keys)} {label}: {', '.join(keys[:8])}" + " ..." * (len(keys) > 8)
-            )
-    misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(s)})" for k, s in expected.items()
-                 if k in weights and tuple(weights[k].shape) != tuple(s)]  # fmt: skip
+    expected = dict(tree_flatten(model.parameters()))
+    problems = [f"{len(keys)} {label}: {', '.join(sorted(keys)[:8])}" + " ..." * (len(keys) > 8)
+                for label, keys in (("unknown", weights.keys() - expected.keys()),
+                                    ("missing", expected.keys() - weights.keys())) if keys]  # fmt: skip
+    misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]  # fmt: skip
     if misshaped:
         problems.append(f"{len(misshaped)} mis-shaped: " + ", ".join(misshaped[:8]))
     if problems:
@@ -755,7 +729,7 @@ def read_config(path):
         raise ValueError(f"{config_file}: invalid JSON ({e})") from None
     if config.get("model_type", "granite_speech_nar") != "granite_speech_nar":
         raise ValueError(
-            f"{config_file}: model_type is {config['model_type']!r}, not 'granite_speech_nar'"
+            f"{config_file}: model_type is {config['model_type']!r}, not granite_speech_nar"
         )
     return config
 
@@ -764,10 +738,8 @@ def read_weights(path):
     """Every tensor of a model directory: model.safetensors, or shards (with an index or not)."""
     path, index = Path(path), Path(path) / "model.safetensors.index.json"
     try:
-        files = (
-            sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            if index.is_file()
-            else None
+        files = index.is_file() and sorted(
+            set(json.loads(index.read_text())["weight_map"].values())
         )
     except (ValueError, KeyError) as e:
         raise ValueError(f"{index}: not a safetensors index ({e})") from None
@@ -781,6 +753,21 @@ def read_weights(path):
         except Exception as e:  # mlx raises RuntimeError or ValueError for a missing or bad file
             raise ValueError(f"{path / name}: cannot read ({e})") from None
     return weights
+
+
+def read_checkpoint(path):
+    """A model directory -> (config.json in the original layout's keys, an unloaded GraniteNAR of
+    that config, the tensors in this module's names)."""
+    native = from_native(read_config(path))
+    config = native or read_config(path)
+    model = GraniteNAR(ModelArgs.from_dict(config))
+    weights = sanitize(read_weights(path))
+    stored = weights.get("projector.layer_projector.weight")
+    if native and stored is not None:  # the native layout drops the identity projector norms
+        fresh = tree_flatten(model.projector.parameters())  # a fresh LayerNorm is the identity
+        norms = {f"projector.{k}": v.astype(stored.dtype) for k, v in fresh if "norm" in k}
+        weights = {**norms, **weights}
+    return config, model, weights
 
 
 DEFAULT_MODEL = "mlx-community/granite-speech-4.1-2b-nar-mlx-5bit"
@@ -798,11 +785,11 @@ def model_path(path_or_repo):
         raise FileNotFoundError(f"model directory not found: {path}")
     try:
         from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except ImportError:
         raise ImportError(f"{name} is not a local directory; to download it from the Hugging "
                           "Face Hub: pip install huggingface_hub") from None  # fmt: skip
-    try:
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:  # no network, no such repo, ...: the Hub's errors vary
         raise OSError(f"cannot download {name} from the Hugging Face Hub ({type(e).__name__}: "
                       f"{e}); download it elsewhere and give its directory") from None  # fmt: skip
@@ -813,45 +800,28 @@ def default_dtype():
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def read_checkpoint(path):
-    """A model directory -> (its config.json in the original layout's names, an unloaded
-    GraniteNAR of that config, the tensors in this module's names)."""
-    config = read_config(path)
-    native = is_native(config)
-    config = from_native(config) if native else config
-    model = GraniteNAR(ModelArgs.from_dict(config))
-    weights = sanitize(read_weights(path))
-    if native and "projector.layer_projector.weight" in weights:  # identity LayerNorms not stored
-        dtype = weights["projector.layer_projector.weight"].dtype
-        norms = tree_flatten(model.projector.parameters())  # a fresh LayerNorm is the identity
-        norms = {f"projector.{k}": v.astype(dtype) for k, v in norms if "norm" in k}
-        weights = {**norms, **weights}
-    return config, model, weights
-
-
 def load(path, dtype=None, dequantize=None):
     """A model directory or Hub repo id (a convert.py output, an upstream checkpoint in either
     layout, an mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in dtype (default:
-    default_dtype()). A quantized editor is dequantized to dtype when `dequantize` (default: on a
-    CPU, whose quantized matmuls are slow), computing exactly what the quantized layers would."""
+    default_dtype()). With `dequantize` (default: on a CPU, whose quantized matmuls are slow) a
+    quantized editor is dequantized to dtype at load, computing exactly what its layers would."""
     path = model_path(path)
     config, model, weights = read_checkpoint(path)
-    q = config.get("quantization")
+    q, dtype = config.get("quantization"), dtype or default_dtype()
     if bool(q) != any(k.endswith(".scales") for k in weights):
         found = "unquantized" if q else "quantized"
         raise ValueError(f"{path}: config.json's quantization is {q}, but the tensors are {found}")
-    dtype = dtype or default_dtype()
     if q and (mx.default_device() == mx.cpu if dequantize is None else dequantize):
-        for scales in [k for k in weights if k.endswith(".scales")]:  # in dtype, as a layer would
-            name, mode = scales.removesuffix(".scales"), q.get("mode", "affine")
-            b = weights.pop(f"{name}.biases", None)
-            w, s, b = weights.pop(f"{name}.weight"), weights.pop(scales).astype(dtype), b if b is None else b.astype(dtype)
-            weights[f"{name}.weight"] = mx.dequantize(w, s, b, q["group_size"], q["bits"], mode=mode)
+        for name in [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]:
+            s, b = (weights.pop(f"{name}.{p}", None) for p in ("scales", "biases"))
+            s, b = s.astype(dtype), b if b is None else b.astype(dtype)  # in dtype, as a layer
+            weight = weights.pop(f"{name}.weight")
+            weights[f"{name}.weight"] = mx.dequantize(weight, s, b, q["group_size"], q["bits"],
+                                                      mode=q.get("mode", "affine"))  # fmt: skip
             mx.eval(weights[f"{name}.weight"])
-        warnings.warn(f"{path}: the {q['bits']}-bit editor is dequantized to {dtype} (MLX's CPU "
+        warnings.warn(f"{path}: its {q['bits']}-bit editor is dequantized to {dtype} (MLX's CPU "
                       "quantized matmuls are slow; load(..., dequantize=False) keeps it)", stacklevel=2)  # fmt: skip
-        q = None
-    if q:  # rebuild exactly the layers stored quantized
+    elif q:  # rebuild exactly the layers stored quantized
         nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
                     class_predicate=lambda p, m: f"{p}.scales" in weights)  # fmt: skip
     check_weights(model, weights)
@@ -895,9 +865,8 @@ class Resampler:
             (self.PASSBAND + self.STOPBAND) / 2 * low / rate,
             0.1102 * (self.ATTENUATION_DB - 8.7),
         )
-        taps = (
-            2 * fc * np.sinc(2 * fc * t) * np.i0(beta * np.sqrt(np.maximum(0, 1 - (t / half) ** 2)))
-        )
+        window = np.i0(beta * np.sqrt(np.maximum(0, 1 - (t / half) ** 2)))
+        taps = 2 * fc * np.sinc(2 * fc * t) * window
         taps /= taps.sum(axis=1, keepdims=True)
         self.groups = []  # (first column, first input, band): periods @ band = those outputs
         for col in range(0, self.up, self.GROUP):
@@ -913,9 +882,8 @@ class Resampler:
     def __call__(self, x, last=False):
         """(n,) float32 -> the 16 kHz samples it completes; last=True flushes the rest."""
         self.n_in += len(x)
-        x = np.concatenate(
-            [self.pending, x, np.zeros(self.half + self.down if last else 0, np.float32)]
-        )
+        tail = np.zeros(self.half + self.down if last else 0, np.float32)
+        x = np.concatenate([self.pending, x, tail])
         n_periods = max(0, (len(x) - self.span) // self.down + 1)
         out = np.empty((n_periods, self.up), np.float32)
         step = x.strides[0]
@@ -932,19 +900,16 @@ class Resampler:
 
 def _open_audio(audio):
     """A path or a file object -> an open soundfile.SoundFile, or an error naming the input."""
-    if not hasattr(audio, "read") and not Path(audio).is_file():
+    is_file = hasattr(audio, "read")
+    if not is_file and not Path(audio).is_file():
         raise FileNotFoundError(f"audio file not found: {audio}")
-    if not hasattr(audio, "read") and Path(audio).stat().st_size == 0:
+    if not is_file and Path(audio).stat().st_size == 0:
         raise ValueError(f"{audio}: the file is empty (0 bytes)")
     try:
-        return sf.SoundFile(audio if hasattr(audio, "read") else str(audio))
-    except sf.LibsndfileError as e:
-        suffix = "" if hasattr(audio, "read") else Path(audio).suffix
-        hint = (
-            f" (convert it: ffmpeg -i {audio} {Path(audio).stem}.wav)"
-            if suffix.lower() not in AUDIO_EXTENSIONS
-            else ""
-        )
+        return sf.SoundFile(audio if is_file else str(audio))
+    except sf.LibsndfileError as e:  # a hint to convert only what libsndfile cannot read at all
+        other = not is_file and Path(audio).suffix.lower() not in AUDIO_EXTENSIONS
+        hint = f" (convert it: ffmpeg -i {audio} {Path(audio).stem}.wav)" if other else ""
         raise ValueError(f"{audio}: cannot read it as audio ({e.error_string}){hint}") from None
 
 
@@ -953,9 +918,9 @@ def _array_audio(audio, sample_rate):
     x = np.asarray(audio)
     if x.dtype.kind not in "iuf":
         raise ValueError(
-            f"expected a file path, a file object or a waveform array, got {type(audio).__name__}"
+            f"expected a file path, a file object or a waveform, got {type(audio).__name__}"
         )
-    if x.dtype.kind in "iu":  # PCM scaled as a file's samples are: int16 / 32768, uint8 - 128 / 128
+    if x.dtype.kind in "iu":  # PCM as a file's samples are: int16 / 32768, (uint8 - 128) / 128
         full = 2.0 ** (8 * x.dtype.itemsize - 1)
         x = (x - full if x.dtype.kind == "u" else x) / full
     if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] > x.shape[0]):
@@ -963,9 +928,7 @@ def _array_audio(audio, sample_rate):
             f"expected a mono waveform (n_samples,) or (n_samples, channels), got shape {x.shape}"
         )
     rate = SAMPLE_RATE if sample_rate is None else sample_rate
-    if not isinstance(rate, (int, float, np.number)) or not (
-        0 < rate < math.inf and rate == int(rate)
-    ):
+    if not isinstance(rate, (int, float, np.number)) or not 0 < rate < math.inf or rate % 1:
         raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
     if x.size == 0:
         raise ValueError("audio is empty (0 samples)")
@@ -985,16 +948,11 @@ def _audio_blocks(audio, sample_rate=None):
     if sample_rate is not None:
         raise ValueError(f"{audio}: sample_rate is for arrays; a file's rate is read from the file")
     with _open_audio(audio) as f:
-        rate, resample = (
-            f.samplerate,
-            Resampler(f.samplerate) if f.samplerate != SAMPLE_RATE else None,
-        )
-        n_read, last = 0, False
-        while not last:
+        rate, resample = f.samplerate, f.samplerate != SAMPLE_RATE and Resampler(f.samplerate)
+        n_read, size, block = 0, READ_SECONDS * f.samplerate, None
+        while block is None or len(block) == size:  # a short block is the last
             try:
-                block = f.read(
-                    READ_SECONDS * rate, dtype="float32", always_2d=True
-                )  # PCM16: x / 32768
+                block = f.read(size, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
             except sf.LibsndfileError as e:
                 raise ValueError(
                     f"{audio}: unreadable after {n_read / rate:.1f} s ({e.error_string})"
@@ -1002,10 +960,12 @@ def _audio_blocks(audio, sample_rate=None):
             if not np.isfinite(block).all():
                 at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
                 raise ValueError(f"{audio}: NaN or infinite samples at {at:.2f} s")
-            n_read, last = n_read + len(block), len(block) < READ_SECONDS * rate
-            if n_read == 0:
+            if n_read == len(block) == 0:
                 raise ValueError(f"{audio}: audio is empty (0 samples in a {f.format} file)")
-            yield resample(block.mean(axis=1), last) if resample else block.mean(axis=1)
+            n_read += len(block)
+            yield (
+                resample(block.mean(axis=1), len(block) < size) if resample else block.mean(axis=1)
+            )
         cut = re.search(r"data : (\d+) \(should be (\d+)\)", f.extra_info)  # libsndfile's log
         header = f.frames * int(cut[1]) / int(cut[2]) if cut else f.frames  # frames it announces
         if n_read < header - 1:
@@ -1056,7 +1016,7 @@ def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
 
 def max_chunk_seconds(args):
     """The longest chunk_seconds whose windows always fit the editor's positions: a second of
-    audio takes 50 / downsample_rate rows and its hypothesis at most 2 x 50 / W slots."""
+    audio takes 50 / downsample_rate rows, and its hypothesis at most 2 x 50 / W slots."""
     per_second = 50 / args.projector.downsample_rate + 100 / args.encoder.bpe_pooling_window
     return math.floor((args.editor.max_position_embeddings - 1) / per_second - CUT_SEARCH_SECONDS)
 
@@ -1069,38 +1029,55 @@ def shape_steps(model):
     return (model.args.encoder.context_size, 16) if mx.default_device() == mx.gpu else (1, 1)
 
 
-def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1):
-    """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone. The first
-    editor pass reads the encoder's hypothesis, each further one the last pass's output, over the
-    same audio embeddings (upstream generate(num_editing_steps)). Short or silent audio: ""."""
-    texts, args, blank = [""] * len(waveforms), model.args, model.args.blank_token_id
-    live = [
-        i
-        for i, w in enumerate(waveforms)
-        if len(w) >= MIN_SECONDS * SAMPLE_RATE and np.abs(w).max() >= SILENCE_PEAK
-    ]
-    if not live:
-        return texts
-    frame_step, slot_step = shape_steps(model)
-    features, lengths = log_mel([waveforms[i] for i in live])
+def encode_waveforms(model, waveforms):
+    """16 kHz waveforms -> (their hypotheses, audio embeddings (B, A, llm_dim), their rows (B,)),
+    as one padded batch."""
+    args, frame_step = model.args, shape_steps(model)[0]
+    features, lengths = log_mel(waveforms)
     T = -(-features.shape[1] // frame_step) * frame_step
     mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
     bpe_logits, audio_embeds = model.compiled_encode(
         pad_rows(features, T).astype(model.dtype), mask
     )
-    best = np.array(mx.argmax(bpe_logits, axis=-1))  # (B, ceil(T / W)): waits for the encoder
-    W = args.encoder.bpe_pooling_window
-    hypotheses = [ctc_collapse(row[: -(-n // W)], blank) for row, n in zip(best, lengths)]
-    audio_lengths = mx.array([n // args.projector.downsample_rate for n in lengths])
-    for _ in range(editing_steps):
-        text_ids, text_lengths = slot_batch(
-            hypotheses, blank, args.min_edit_sequence_length, slot_step
-        )
-        logits = model.compiled_edit(audio_embeds, text_ids, audio_lengths, text_lengths)
+    best, W = np.array(mx.argmax(bpe_logits, axis=-1)), args.encoder.bpe_pooling_window
+    hypotheses = [
+        ctc_collapse(row[: -(-n // W)], args.blank_token_id) for row, n in zip(best, lengths)
+    ]
+    return (
+        hypotheses,
+        audio_embeds,
+        mx.array([n // args.projector.downsample_rate for n in lengths]),
+    )
+
+
+def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses):
+    """One editor pass over a batch: each hypothesis -> the CTC collapse of the editor's output."""
+    blank, slot_step = model.args.blank_token_id, shape_steps(model)[1]
+    ids, lengths = slot_batch(hypotheses, blank, model.args.min_edit_sequence_length, slot_step)
+    # MLX's CUDA quantized matmul fails past 2^31 output elements: large batches go in parts
+    part, edited = max(1, (2**31 - 1) // (ids.shape[1] * model.args.editor.vocab_size)), []
+    for s in (slice(i, i + part) for i in range(0, len(hypotheses), part)):
+        logits = model.compiled_edit(audio_embeds[s], ids[s], audio_lengths[s], lengths[s])
         best = np.array(mx.argmax(logits, axis=-1))
-        hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(best, text_lengths.tolist())]
-    for i, ids in zip(live, hypotheses):
-        texts[i] = tokenizer.decode(ids)
+        edited += [ctc_collapse(row[:n], blank) for row, n in zip(best, lengths[s].tolist())]
+    return edited
+
+
+def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1):
+    """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone. The first
+    editor pass reads the encoder's hypothesis, each further one the last pass's output, over the
+    same audio embeddings (upstream generate(num_editing_steps)). Short or silent audio: ""."""
+    live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
+    live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
+    texts = [""] * len(waveforms)
+    if live:
+        hypotheses, audio_embeds, audio_lengths = encode_waveforms(
+            model, [waveforms[i] for i in live]
+        )
+        for _ in range(editing_steps):
+            hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
+        for i, ids in zip(live, hypotheses):
+            texts[i] = tokenizer.decode(ids)
     return texts
 
 
@@ -1116,10 +1093,12 @@ class Window:
 
 def duration(audio, sample_rate=None):
     """Seconds of audio, from the header for files (0 when unreadable: reading will say why)."""
-    if not isinstance(audio, (str, Path)) and not hasattr(audio, "read"):
+    if hasattr(audio, "read"):  # unknown: reading its header here would move its position
+        return 0.0
+    if not isinstance(audio, (str, Path)):
         return len(audio) / (sample_rate or SAMPLE_RATE)
     try:
-        info = sf.info(audio if isinstance(audio, (str, Path)) else audio.name)
+        info = sf.info(str(audio))
         return info.frames / info.samplerate
     except Exception:  # soundfile raises several kinds; reading will say what is wrong
         return 0.0
@@ -1135,10 +1114,8 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
     if not 1 <= chunk_seconds <= max_chunk_seconds(model.args):
-        limit = max_chunk_seconds(model.args)
-        raise ValueError(
-            f"chunk_seconds must be between 1 and {limit} (the editor's positions), got {chunk_seconds}"
-        )
+        raise ValueError(f"chunk_seconds must be between 1 and {max_chunk_seconds(model.args)} "
+                         f"(the editor's positions), got {chunk_seconds}")  # fmt: skip
 
     def windows():  # (input, start sample, window, last) in order of duration
         durations = [duration(audio, sample_rate) for audio in audios]
@@ -1174,14 +1151,11 @@ def transcribe(model, tokenizer, audio, sample_rate=None, batch_size=BATCH_SIZE,
                chunk_seconds=CHUNK_SECONDS, editing_steps=1):  # fmt: skip
     """audio: a file (path or file object), or a waveform (n_samples,) or (n_samples, channels)
     at sample_rate Hz (default 16000) -> its transcript; a list of those -> their transcripts.
-    Audio longer than chunk_seconds is transcribed in windows cut at quiet points
-    (split_windows), batch_size windows at a time (of one input or several). Under 0.1 s, or
-    silent: ""."""
+    Audio over chunk_seconds goes in windows cut at quiet points (split_windows), batch_size
+    windows at a time (of one input or several). Under 0.1 s, or silent: ""."""
     audios = list(audio) if isinstance(audio, (list, tuple)) else [audio]
-    texts = [[] for _ in audios]
-    for w in transcribe_stream(
-        model, tokenizer, audios, sample_rate, batch_size, chunk_seconds, editing_steps
-    ):
+    texts, options = [[] for _ in audios], (batch_size, chunk_seconds, editing_steps)
+    for w in transcribe_stream(model, tokenizer, audios, sample_rate, *options):
         texts[w.index].append(w.text)
     texts = [join_windows(t) for t in texts]
     return texts if isinstance(audio, (list, tuple)) else texts[0]
@@ -1214,10 +1188,10 @@ def _inputs(names):
         elif path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav files)
             files = sorted(p for p in path.iterdir() if p.is_file() and p.name[0] != ".")
             audio = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
-            others = [p.name for p in files if p not in audio]
-            if others:
+            if len(audio) < len(files):
+                others = ", ".join(p.name for p in files if p not in audio)
                 messages.append(
-                    f"note: {path}: skipped {len(others)} file(s) of other types: {', '.join(others)}"
+                    f"note: {path}: skipped {len(files) - len(audio)} other file(s): {others}"
                 )
             if not audio:
                 messages.append(f"error: {path}: no audio files ({' '.join(AUDIO_EXTENSIONS)})")
@@ -1231,38 +1205,28 @@ def _records(model, tokenizer, inputs, args):
     """(index, record or the error it raised) per input, in input order, each as soon as it and
     the inputs before it are done; all are transcribed together, in batches."""
     errors, windows, n_out, tty = {}, [[] for _ in inputs], 0, sys.stderr.isatty()
+    names = [x.name if hasattr(x, "read") else str(x) for x in inputs]
     durations = [duration(x) for x in inputs]
-    stream = transcribe_stream(model, tokenizer, inputs, None, args.batch_size, args.chunk_seconds,
-                               args.editing_steps, errors)  # fmt: skip
-    for w in stream:
+    options = (args.batch_size, args.chunk_seconds, args.editing_steps, errors)
+    for w in transcribe_stream(model, tokenizer, inputs, None, *options):
         windows[w.index].append(w)
         if not args.quiet and durations[w.index] > args.chunk_seconds:  # progress, long files
-            done = (
-                f"{_name(inputs[w.index])}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
-            )
+            done = f"{names[w.index]}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
             print(done, end="\n" if w.last or not tty else "\r", file=sys.stderr, flush=True)
         while n_out < len(inputs) and (
             n_out in errors or windows[n_out] and windows[n_out][-1].last
         ):
-            yield n_out, errors.get(n_out) or _record(inputs[n_out], windows[n_out])
+            yield n_out, errors[n_out] if n_out in errors else _record(names[n_out], windows[n_out])
             n_out += 1
     for i in range(n_out, len(inputs)):  # inputs that failed after the last window
         yield i, errors[i]
 
 
-def _name(audio):
-    return audio.name if hasattr(audio, "read") else str(audio)
-
-
-def _record(audio, windows):
+def _record(name, windows):
     seconds, elapsed = sum(w.seconds for w in windows), sum(w.elapsed for w in windows)
-    values = (
-        _name(audio),
-        join_windows([w.text for w in windows]),
-        round(seconds, 3),
-        round(elapsed, 3),
-    )
-    return dict(zip(COLUMNS, (*values, round(seconds / max(elapsed, 1e-9), 1))))
+    text = join_windows([w.text for w in windows])
+    values = name, text, round(seconds, 3), round(elapsed, 3), round(seconds / elapsed, 1)
+    return dict(zip(COLUMNS, values))
 
 
 def _format(record, output_format):
@@ -1296,59 +1260,40 @@ def _write(path, text):
 
 
 def _parse_args():
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        description="Transcribe speech with Granite Speech 4.1 2B NAR (MLX).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=formatter
+    )
     add = parser.add_argument
     add("audio", nargs="+", help="audio files, directories (their audio files, by name), or -")
-    add(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="DIR|REPO",
-        help=f"a model directory or Hub repo id (default: {DEFAULT_MODEL})",
-    )
-    add(
-        "--chunk-seconds",
-        type=float,
-        default=CHUNK_SECONDS,
-        metavar="S",
-        help="windows of about S s for long audio (default: 30)",
-    )
+    add("--model", default=DEFAULT_MODEL, metavar="DIR|REPO",
+        help=f"a model directory or Hub repo id (default: {DEFAULT_MODEL})")  # fmt: skip
+    add("--chunk-seconds", type=float, default=CHUNK_SECONDS, metavar="S",
+        help="windows of about S s for long audio (default: 30)")  # fmt: skip
     add("--editing-steps", type=int, default=1, metavar="N", help="editor passes (default: 1)")
-    add(
-        "--batch-size",
-        type=int,
-        default=BATCH_SIZE,
-        metavar="N",
-        help=f"windows transcribed together (default: {BATCH_SIZE})",
-    )
-    add(
-        "--output-format",
-        choices=SUFFIXES,
-        default="text",
-        help=f"text, json (a line each: {', '.join(COLUMNS)}) or tsv",
-    )
+    add("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
+        help=f"windows transcribed together (default: {BATCH_SIZE})")  # fmt: skip
+    add("--output-format", choices=SUFFIXES, default="text",
+        help=f"text, json (a line each: {', '.join(COLUMNS)}) or tsv")  # fmt: skip
     add(
         "--output-dir",
         type=Path,
         metavar="DIR",
-        help="also write one file per input there: DIR/<input path>.txt",
+        help="also write DIR/<input path>.txt (or .json, .tsv)",
     )
-    add(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)",
-    )
+    add("--dtype", choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)")  # fmt: skip
     add("--verbose", action="store_true", help="also print the load time and a summary to stderr")
     add("--quiet", action="store_true", help="print only transcripts and errors")
     args = parser.parse_args()
     if not 1 <= args.chunk_seconds < math.inf:
         parser.error(f"--chunk-seconds must be at least 1 (and finite), got {args.chunk_seconds}")
-    if args.editing_steps < 1:
-        parser.error(f"--editing-steps must be at least 1, got {args.editing_steps}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    for option, value in (
+        ("--editing-steps", args.editing_steps),
+        ("--batch-size", args.batch_size),
+    ):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
     if args.verbose and args.quiet:
         parser.error("--verbose and --quiet exclude each other: give one")
     if args.audio.count("-") > 1:
@@ -1360,10 +1305,8 @@ def main():
     args = _parse_args()
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
     if not HAS_OPENBLAS and mx.default_device() == mx.cpu and not args.quiet:
-        print(
-            "note: OpenBLAS not found, CPU matmuls will be slow (apt-get install -y libopenblas0-pthread)",
-            file=sys.stderr,
-        )
+        print("note: OpenBLAS not found, CPU matmuls will be slow "
+              "(apt-get install -y libopenblas0-pthread)", file=sys.stderr)  # fmt: skip
     if args.dtype == "float32":
         os.environ["MLX_ENABLE_TF32"] = "0"  # float32 means float32 on a GPU's tensor cores too
     start = time.perf_counter()
@@ -1371,25 +1314,27 @@ def main():
         model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: --model {args.model}: {e}")
+    try:
+        args.output_dir and args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --output-dir {args.output_dir}: {e.strerror or e}")
     if args.chunk_seconds > max_chunk_seconds(model.args):
-        sys.exit(
-            f"error: --chunk-seconds {args.chunk_seconds:g}: at most {max_chunk_seconds(model.args)} s fit the editor's positions"
-        )
+        sys.exit(f"error: --chunk-seconds {args.chunk_seconds:g}: at most "
+                 f"{max_chunk_seconds(model.args)} s fit the editor's positions")  # fmt: skip
     if args.verbose:
         print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
-    if args.output_dir:
-        try:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            sys.exit(f"error: --output-dir {args.output_dir}: {e.strerror}")
 
     inputs, messages = _inputs(args.audio)
-    failed = sum(m.startswith("error") for m in messages)
     for message in messages:
         print(message, file=sys.stderr)
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
     print(header, end="", flush=True)
-    start, seconds, shown = time.perf_counter(), 0.0, 0
+    failed, shown, seconds, start = (
+        sum(m.startswith("error") for m in messages),
+        0,
+        0.0,
+        time.perf_counter(),
+    )
     for i, record in _records(model, tokenizer, inputs, args):
         if isinstance(record, Exception):
             print(f"error: {record}", file=sys.stderr)
@@ -1397,18 +1342,18 @@ def main():
             continue
         line = _format(record, args.output_format)
         if args.output_format == "text" and len(inputs) > 1:  # name each file, as head does
-            line = f"{chr(10) * (shown > 0)}==> {record['file']} <==\n{line}"
+            print(f"{chr(10) * (shown > 0)}==> {record['file']} <==")
         print(line, flush=True)
         shown, seconds = shown + 1, seconds + record["audio_seconds"]
         if args.output_dir and not hasattr(inputs[i], "read"):
-            path = _output_path(args.output_dir, inputs[i], SUFFIXES[args.output_format])
-            _write(path, header + _format(record, args.output_format) + "\n")
+            _write(
+                _output_path(args.output_dir, inputs[i], SUFFIXES[args.output_format]),
+                header + line + "\n",
+            )
     if args.verbose:
         total = time.perf_counter() - start
-        print(
-            f"{len(inputs)} file(s), {seconds:.1f} s of audio in {total:.2f} s ({seconds / total:.1f}x real time)",
-            file=sys.stderr,
-        )
+        print(f"{len(inputs)} file(s), {seconds:.1f} s of audio in {total:.2f} s "
+              f"({seconds / total:.1f}x real time)", file=sys.stderr)  # fmt: skip
     return 1 if failed else 0
 
 

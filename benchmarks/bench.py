@@ -48,31 +48,13 @@ def fixed_hypothesis(seconds, n_tokens=None):
 
 
 def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None):
-    """g.transcribe_waveforms' passes over one batch, with the encoder's hypotheses replaced by
+    """g.transcribe_waveforms over one batch, with the encoder's hypotheses replaced by
     `hypotheses`; wait(stage, *arrays) is called after each stage."""
-    args, blank = model.args, model.args.blank_token_id
-    frame_step, slot_step = g.shape_steps(model)
-    features, lengths = g.log_mel(waveforms)
-    T = -(-features.shape[1] // frame_step) * frame_step
-    mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
-    features = g.pad_rows(features, T).astype(model.dtype)
-    wait("featurizer", features)
-    bpe_logits, audio_embeds = model.compiled_encode(features, mask)
-    best = np.array(mx.argmax(bpe_logits, axis=-1))
-    W = args.encoder.bpe_pooling_window
-    [g.ctc_collapse(row[: -(-n // W)], blank) for row, n in zip(best, lengths)]  # as transcribe
+    _, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)  # featurizer included
     wait("encode", audio_embeds)
-    audio_lengths = mx.array([n // args.projector.downsample_rate for n in lengths])
-    text_ids, text_lengths = g.slot_batch(
-        hypotheses, blank, args.min_edit_sequence_length, slot_step
-    )
-    logits = model.compiled_edit(audio_embeds, text_ids, audio_lengths, text_lengths)
-    best = np.array(mx.argmax(logits, axis=-1))
+    edited = g.edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
     wait("edit")
-    texts = [
-        tokenizer.decode(g.ctc_collapse(row[:n], blank))
-        for row, n in zip(best, text_lengths.tolist())
-    ]
+    texts = [tokenizer.decode(ids) for ids in edited]
     wait("decode")
     return texts
 
@@ -124,6 +106,7 @@ def peer(model, waveform, hypothesis):
 
 
 def measure(run, reps):
+    mx.clear_cache()  # each implementation starts with an empty buffer cache, not the other's
     run()  # warm-up: kernels, compilation, allocator
     mx.reset_peak_memory()
     times = []

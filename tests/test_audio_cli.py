@@ -199,7 +199,9 @@ def test_uint8_file_objects_and_truncated_files(tmp_path):
         np.testing.assert_array_equal(g.load_audio(f), x)
     data = AUDIO.read_bytes()
     (tmp_path / "cut.wav").write_bytes(data[: len(data) // 8])  # the header still says 3.43 s
-    with pytest.warns(UserWarning, match=r"cut.wav: truncated: its header says 3.43 s, but only 0.4\d s"):
+    with pytest.warns(
+        UserWarning, match=r"cut.wav: truncated: its header says 3.43 s, but only 0.4\d s"
+    ):
         cut = g.load_audio(tmp_path / "cut.wav")
     np.testing.assert_array_equal(cut, x[: len(cut)])
 
