@@ -24,8 +24,10 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
+import unicodedata
 import warnings
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -145,7 +147,13 @@ class ModelArgs:
         parts = {
             k.removesuffix("_config"): _from_dict(c, config[k], k) for k, c in sections.items()
         }
-        return _from_dict(cls, {**config, **parts, "editor": editor}, "the top level")
+        args = _from_dict(cls, {**config, **parts, "editor": editor}, "the top level")
+        L = args.encoder.num_layers
+        if bad := [i for i in args.encoder_layer_indices if not -L - 1 <= i <= L]:
+            raise ValueError(
+                f"config.json: encoder layers {bad} do not exist (hidden states 0..{L})"
+            )
+        return args
 
 
 # ---- featurizer ----
@@ -643,6 +651,124 @@ class Tokenizer:
         return text
 
 
+# ---- word timestamps ----
+
+
+def ctc_align(log_probs, ids, blank_id):
+    """The (start, end) frames, end exclusive, of each id on a best-scoring CTC path of
+    log-softmax scores (T, V) (numpy or MLX) that collapses to exactly ids; None when none fits
+    (a token needs a frame, equal neighbours a blank between them). Viterbi over the labels
+    [_, a, _, b, _]: stay, advance, or skip the blank between two different labels."""
+    n = len(ids)
+    if n == 0 or log_probs.shape[0] < n + sum(a == b for a, b in zip(ids, ids[1:])):
+        return [] if n == 0 else None
+    labels = np.full(2 * n + 1, blank_id)
+    labels[1::2] = ids
+    if isinstance(log_probs, mx.array):  # gather the 2n + 1 columns before leaving the device
+        log_probs = log_probs[:, mx.array(labels)].astype(mx.float32)
+        labels = np.arange(len(labels))
+    emit = np.maximum(np.asarray(log_probs, np.float64)[:, labels], -1e30)  # -inf keeps no path
+    skip = np.zeros(len(labels), bool)
+    skip[3::2] = np.asarray(ids[1:]) != np.asarray(ids[:-1])  # different labels may touch
+    score, back = np.full(len(labels), -np.inf), np.zeros(emit.shape, np.int8)
+    score[:2] = emit[0, :2]
+    for t in range(1, len(emit)):  # came[k, s]: the best score reaching s from s - k
+        came = np.full((3, len(labels)), -np.inf)
+        came[0], came[1, 1:], came[2, 2:] = (
+            score,
+            score[:-1],
+            np.where(skip[2:], score[:-2], -np.inf),
+        )
+        back[t], score = came.argmax(axis=0), came.max(axis=0) + emit[t]
+    state, path = len(labels) - 1 - int(score[-2] > score[-1]), np.empty(len(emit), np.int64)
+    for t in range(len(emit) - 1, -1, -1):
+        path[t], state = state, state - int(back[t, state])
+    tokens = np.arange(1, len(labels), 2)  # the path never goes back: a token's frames are a run
+    spans = zip(
+        np.searchsorted(path, tokens).tolist(), np.searchsorted(path, tokens, "right").tolist()
+    )
+    return list(spans)
+
+
+def group_words(pieces):
+    """(token bytes, start, end, confidence) pieces -> words {word, start, end, confidence}: a
+    token beginning with a space starts a word, punctuation joins the word before, and a word's
+    confidence is the mean of its tokens' (None: unaligned)."""
+    groups = []
+    for piece in pieces:
+        text = piece[0].decode(errors="replace").strip()
+        punctuation = bool(text) and all(unicodedata.category(c)[0] == "P" for c in text)
+        if groups and (punctuation or not piece[0].startswith(b" ")):
+            groups[-1].append(piece)
+        else:
+            groups.append([piece])
+    words = []
+    for group in groups:  # a character may be split across tokens: decode the joined bytes
+        known = [p[3] for p in group if p[3] is not None]
+        word = b"".join(p[0] for p in group).decode(errors="replace")
+        confidence = sum(known) / len(known) if known else None
+        words.append(
+            {"word": word, "start": group[0][1], "end": group[-1][2], "confidence": confidence}
+        )
+    return words
+
+
+def _wrap(text, width):
+    """Greedy wrap at spaces; a word longer than width gets a line of its own."""
+    lines = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def split_segments(words, max_line_width=42, max_line_count=2, max_seconds=7.0, pause=0.5):
+    """Words -> segments {start, end, text, words}, each one subtitle cue: a new one begins after
+    a pause of `pause` s, after sentence-final punctuation, or before the text would need more
+    than max_line_count lines of max_line_width characters, or last over max_seconds."""
+    segments, current = [], []
+    for word in words:
+        text = "".join(w["word"] for w in current) + word["word"]
+        if current and (
+            word["start"] - current[-1]["end"] >= pause
+            or current[-1]["word"].strip().rstrip("\"')]}»”’").endswith(tuple(".?!…。？！"))
+            or len(_wrap(text, max_line_width)) > max_line_count
+            or word["end"] - current[0]["start"] > max_seconds
+        ):
+            segments.append(current)
+            current = []
+        current.append(word)
+    segments += [current] if current else []
+    text = lambda ws: "".join(w["word"] for w in ws).strip()  # noqa: E731
+    return [
+        {"start": ws[0]["start"], "end": ws[-1]["end"], "text": text(ws), "words": ws}
+        for ws in segments
+    ]
+
+
+def subtitles(segments, vtt=False, max_line_width=42, max_line_count=2):
+    """SRT (numbered cues) or WebVTT text of segments; a cue lasts at least a millisecond."""
+
+    def stamp(ms):  # HH:MM:SS,mmm (SRT) or HH:MM:SS.mmm (WebVTT)
+        hours, minutes, seconds = ms // 3600000, ms // 60000 % 60, ms // 1000 % 60
+        return f"{hours:02d}:{minutes:02d}:{seconds:02d}{'.' if vtt else ','}{ms % 1000:03d}"
+
+    cues = []
+    for segment in segments:
+        lines = _wrap(re.sub(r"--+>", "->", segment["text"]), max_line_width)  # no false timing
+        if not lines:
+            continue
+        if len(lines) > max_line_count:  # the segments fit; text given by hand may not
+            lines = lines[: max_line_count - 1] + [" ".join(lines[max_line_count - 1 :])]
+        start = max(0, round(1000 * segment["start"]))
+        end = max(round(1000 * segment["end"]), start + 1)
+        number = "" if vtt else f"{len(cues) + 1}\n"
+        cues.append(f"{number}{stamp(start)} --> {stamp(end)}\n" + "\n".join(lines) + "\n")
+    return ("WEBVTT\n\n" if vtt else "") + "\n".join(cues)
+
+
 # ---- loading ----
 
 # Checkpoint name prefixes -> this module's, the first match winning: the original hub layout,
@@ -683,7 +809,11 @@ def from_native(config):
     layers = list(encoder.get("cat_hidden_layers", [4, 8, 12])) + [-1]
     projector = config["projector_config"]
     projector.update(encoder_dim=encoder.get("hidden_dim"), num_encoder_layers=len(layers))
-    projector.update(llm_dim=projector.get("hidden_size"), mlp_ratio=0)  # intermediate_size kept
+    if "intermediate_size" not in projector:  # kept: it replaces mlp_ratio
+        raise ValueError(
+            "config.json (transformers-native layout): projector_config lacks intermediate_size"
+        )
+    projector.update(llm_dim=projector.get("hidden_size"), mlp_ratio=0)
     return {"min_edit_sequence_length": 8, **config, "encoder_layer_indices": layers}
 
 
@@ -707,13 +837,12 @@ def sanitize(weights):
 def check_weights(model, weights):
     """Raise a ValueError naming every unknown, missing or mis-shaped tensor."""
     expected = dict(tree_flatten(model.parameters()))
-    problems = [f"{len(keys)} {label}: {', '.join(sorted(keys)[:8])}" + " ..." * (len(keys) > 8)
-                for label, keys in (("unknown", weights.keys() - expected.keys()),
-                                    ("missing", expected.keys() - weights.keys())) if keys]  # fmt: skip
+    unknown, missing = weights.keys() - expected.keys(), expected.keys() - weights.keys()
     misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
-                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]  # fmt: skip
-    if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped: " + ", ".join(misshaped[:8]))
+                 for k, v in expected.items() if weights.get(k, v).shape != v.shape]  # fmt: skip
+    found = (("unknown", unknown), ("missing", missing), ("mis-shaped", misshaped))
+    problems = [f"{len(keys)} {label}: {', '.join(sorted(keys)[:8])}" + " ..." * (len(keys) > 8)
+                for label, keys in found if keys]  # fmt: skip
     if problems:
         raise ValueError("weights do not match config.json: " + "; ".join(problems))
 
@@ -791,8 +920,8 @@ def model_path(path_or_repo):
         raise ImportError(f"{name} is not a local directory; to download it from the Hugging "
                           "Face Hub: pip install huggingface_hub") from None  # fmt: skip
     except Exception as e:  # no network, no such repo, ...: the Hub's errors vary
-        raise OSError(f"cannot download {name} from the Hugging Face Hub ({type(e).__name__}: "
-                      f"{e}); download it elsewhere and give its directory") from None  # fmt: skip
+        raise OSError(f"cannot download {name} from the Hugging Face Hub ({type(e).__name__}); "
+                      "download it elsewhere and give its directory") from None  # fmt: skip
 
 
 def default_dtype():
@@ -819,8 +948,10 @@ def load(path, dtype=None, dequantize=None):
             weights[f"{name}.weight"] = mx.dequantize(weight, s, b, q["group_size"], q["bits"],
                                                       mode=q.get("mode", "affine"))  # fmt: skip
             mx.eval(weights[f"{name}.weight"])
-        warnings.warn(f"{path}: its {q['bits']}-bit editor is dequantized to {dtype} (MLX's CPU "
-                      "quantized matmuls are slow; load(..., dequantize=False) keeps it)", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{path}: its {q['bits']}-bit editor is dequantized to {dtype} (MLX's "
+            "CPU quantized matmuls are slow; load(..., dequantize=False) keeps it)"
+        )
     elif q:  # rebuild exactly the layers stored quantized
         nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
                     class_predicate=lambda p, m: f"{p}.scales" in weights)  # fmt: skip
@@ -909,7 +1040,8 @@ def _open_audio(audio):
         return sf.SoundFile(audio if is_file else str(audio))
     except sf.LibsndfileError as e:  # a hint to convert only what libsndfile cannot read at all
         other = not is_file and Path(audio).suffix.lower() not in AUDIO_EXTENSIONS
-        hint = f" (convert it: ffmpeg -i {audio} {Path(audio).stem}.wav)" if other else ""
+        wav = shlex.quote(f"{Path(audio).stem}.wav")
+        hint = f" (convert it: ffmpeg -i {shlex.quote(str(audio))} {wav})" if other else ""
         raise ValueError(f"{audio}: cannot read it as audio ({e.error_string}){hint}") from None
 
 
@@ -1030,8 +1162,8 @@ def shape_steps(model):
 
 
 def encode_waveforms(model, waveforms):
-    """16 kHz waveforms -> (their hypotheses, audio embeddings (B, A, llm_dim), their rows (B,)),
-    as one padded batch."""
+    """16 kHz waveforms, as one padded batch -> their hypotheses, their BPE CTC logits (a
+    (frames, vocab) array each), audio embeddings (B, A, llm_dim) and each one's rows (B,)."""
     args, frame_step = model.args, shape_steps(model)[0]
     features, lengths = log_mel(waveforms)
     T = -(-features.shape[1] // frame_step) * frame_step
@@ -1039,15 +1171,11 @@ def encode_waveforms(model, waveforms):
     bpe_logits, audio_embeds = model.compiled_encode(
         pad_rows(features, T).astype(model.dtype), mask
     )
-    best, W = np.array(mx.argmax(bpe_logits, axis=-1)), args.encoder.bpe_pooling_window
-    hypotheses = [
-        ctc_collapse(row[: -(-n // W)], args.blank_token_id) for row, n in zip(best, lengths)
-    ]
-    return (
-        hypotheses,
-        audio_embeds,
-        mx.array([n // args.projector.downsample_rate for n in lengths]),
-    )
+    W, blank = args.encoder.bpe_pooling_window, args.blank_token_id
+    bpe_logits = [row[: -(-n // W)] for row, n in zip(bpe_logits, lengths)]
+    hypotheses = [ctc_collapse(mx.argmax(row, axis=-1), blank) for row in bpe_logits]
+    audio_lengths = mx.array([n // args.projector.downsample_rate for n in lengths])
+    return hypotheses, bpe_logits, audio_embeds, audio_lengths
 
 
 def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses):
@@ -1063,21 +1191,44 @@ def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses):
     return edited
 
 
-def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1):
-    """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone. The first
-    editor pass reads the encoder's hypothesis, each further one the last pass's output, over the
-    same audio embeddings (upstream generate(num_editing_steps)). Short or silent audio: ""."""
+def word_times(model, tokenizer, bpe_logits, ids):
+    """A window's BPE CTC logits (frames, vocab) and final ids -> its words, timed (seconds from
+    the window's start) by aligning the ids to the logits; spread evenly, with confidence None,
+    when no path fits."""
+    frame = model.args.encoder.bpe_pooling_window * SAMPLES_PER_FRAME / SAMPLE_RATE  # seconds
+    log_probs = bpe_logits.astype(mx.float32)
+    log_probs = log_probs - mx.logsumexp(log_probs, axis=-1, keepdims=True)
+    spans = ctc_align(log_probs, ids, model.args.blank_token_id)
+    if spans is None:
+        edges = np.linspace(0, len(bpe_logits), len(ids) + 1)
+        spans, confidences = list(zip(edges[:-1], edges[1:])), [None] * len(ids)
+    else:  # the mean posterior of each token on its frames of the path
+        posteriors = np.exp(np.array(log_probs[:, mx.array(ids)]))
+        confidences = [float(posteriors[s:e, i].mean()) for i, (s, e) in enumerate(spans)]
+    pieces = [(tokenizer.token_bytes(i), round(s * frame, 3), round(e * frame, 3), c)
+              for i, (s, e), c in zip(ids, spans, confidences)]  # fmt: skip
+    return group_words([p for p in pieces if p[0]])  # special tokens have no bytes
+
+
+def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False):
+    """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone (with
+    word_timestamps, (text, words) pairs: word_times). The first editor pass reads the encoder's
+    hypothesis, each further one the last pass's output, over the same audio embeddings
+    (upstream generate(num_editing_steps)). Short or silent audio: ""."""
     live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
     live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
-    texts = [""] * len(waveforms)
+    texts = [("", []) if word_timestamps else ""] * len(waveforms)
     if live:
-        hypotheses, audio_embeds, audio_lengths = encode_waveforms(
+        hypotheses, bpe_logits, audio_embeds, audio_lengths = encode_waveforms(
             model, [waveforms[i] for i in live]
         )
         for _ in range(editing_steps):
             hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
-        for i, ids in zip(live, hypotheses):
-            texts[i] = tokenizer.decode(ids)
+        for i, logits, ids in zip(live, bpe_logits, hypotheses):
+            text = tokenizer.decode(ids)
+            texts[i] = (
+                (text, word_times(model, tokenizer, logits, ids)) if word_timestamps else text
+            )
     return texts
 
 
@@ -1089,6 +1240,7 @@ class Window:
     text: str
     last: bool  # the input's last window
     elapsed: float  # its share of its batch's processing seconds (by length)
+    words: list = None  # with word_timestamps: {word, start, end, confidence}, in the input's time
 
 
 def duration(audio, sample_rate=None):
@@ -1105,7 +1257,8 @@ def duration(audio, sample_rate=None):
 
 
 def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BATCH_SIZE,
-                      chunk_seconds=CHUNK_SECONDS, editing_steps=1, errors=None):  # fmt: skip
+                      chunk_seconds=CHUNK_SECONDS, editing_steps=1, errors=None,
+                      word_timestamps=False):  # fmt: skip
     """Transcribe every window of every input (see transcribe), batch_size windows at a time, the
     inputs shortest first (a batch of like lengths pads less), reading as it goes. Yields a Window
     as its batch finishes; an input's windows come in order. A reading error raises, or with an
@@ -1136,10 +1289,14 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
     stream = windows()
     while batch := list(itertools.islice(stream, batch_size)):
         tic = time.perf_counter()
-        texts = transcribe_waveforms(model, tokenizer, [w for _, _, w, _ in batch], editing_steps)
-        share = (time.perf_counter() - tic) / sum(len(w) for _, _, w, _ in batch)
+        waveforms = [w for _, _, w, _ in batch]
+        texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps, word_timestamps)
+        share = (time.perf_counter() - tic) / sum(map(len, waveforms))
         for (i, start, w, last), text in zip(batch, texts):
-            yield Window(i, start / SAMPLE_RATE, len(w) / SAMPLE_RATE, text, last, share * len(w))
+            text, words = text if word_timestamps else (text, None)
+            t0 = start / SAMPLE_RATE  # the window's words, in the input's time
+            words = words and [{**x, "start": x["start"] + t0, "end": x["end"] + t0} for x in words]
+            yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), words)
 
 
 def join_windows(texts):
@@ -1148,16 +1305,22 @@ def join_windows(texts):
 
 
 def transcribe(model, tokenizer, audio, sample_rate=None, batch_size=BATCH_SIZE,
-               chunk_seconds=CHUNK_SECONDS, editing_steps=1):  # fmt: skip
+               chunk_seconds=CHUNK_SECONDS, editing_steps=1, word_timestamps=False):  # fmt: skip
     """audio: a file (path or file object), or a waveform (n_samples,) or (n_samples, channels)
     at sample_rate Hz (default 16000) -> its transcript; a list of those -> their transcripts.
-    Audio over chunk_seconds goes in windows cut at quiet points (split_windows), batch_size
-    windows at a time (of one input or several). Under 0.1 s, or silent: ""."""
+    With word_timestamps, {"text", "segments": split_segments(words)} instead. Audio over
+    chunk_seconds goes in windows cut at quiet points (split_windows), batch_size windows at a
+    time (of one input or several). Under 0.1 s, or silent: ""."""
     audios = list(audio) if isinstance(audio, (list, tuple)) else [audio]
-    texts, options = [[] for _ in audios], (batch_size, chunk_seconds, editing_steps)
-    for w in transcribe_stream(model, tokenizer, audios, sample_rate, *options):
-        texts[w.index].append(w.text)
-    texts = [join_windows(t) for t in texts]
+    windows, options = [[] for _ in audios], (batch_size, chunk_seconds, editing_steps)
+    for w in transcribe_stream(
+        model, tokenizer, audios, sample_rate, *options, None, word_timestamps
+    ):
+        windows[w.index].append(w)
+    texts = [join_windows([w.text for w in ws]) for ws in windows]
+    if word_timestamps:
+        segments = [split_segments([x for w in ws for x in w.words]) for ws in windows]
+        texts = [{"text": text, "segments": s} for text, s in zip(texts, segments)]
     return texts if isinstance(audio, (list, tuple)) else texts[0]
 
 
@@ -1174,7 +1337,7 @@ rate and channel count. Audio longer than --chunk-seconds is read as it goes and
 windows, each cut moved to the quietest 20 ms within 5 s. Exit status: 0 if every file was
 transcribed, 1 if any failed (each failure is reported on stderr), 2 for bad options."""
 COLUMNS = ("file", "text", "audio_seconds", "processing_seconds", "speed")  # json keys, tsv columns
-SUFFIXES = {"text": ".txt", "json": ".json", "tsv": ".tsv"}
+SUFFIXES = {"text": ".txt", "json": ".json", "tsv": ".tsv", "srt": ".srt", "vtt": ".vtt"}
 
 
 def _inputs(names):
@@ -1207,7 +1370,8 @@ def _records(model, tokenizer, inputs, args):
     errors, windows, n_out, tty = {}, [[] for _ in inputs], 0, sys.stderr.isatty()
     names = [x.name if hasattr(x, "read") else str(x) for x in inputs]
     durations = [duration(x) for x in inputs]
-    options = (args.batch_size, args.chunk_seconds, args.editing_steps, errors)
+    timed = args.word_timestamps or args.output_format in ("srt", "vtt")
+    options = (args.batch_size, args.chunk_seconds, args.editing_steps, errors, timed)
     for w in transcribe_stream(model, tokenizer, inputs, None, *options):
         windows[w.index].append(w)
         if not args.quiet and durations[w.index] > args.chunk_seconds:  # progress, long files
@@ -1216,23 +1380,33 @@ def _records(model, tokenizer, inputs, args):
         while n_out < len(inputs) and (
             n_out in errors or windows[n_out] and windows[n_out][-1].last
         ):
-            yield n_out, errors[n_out] if n_out in errors else _record(names[n_out], windows[n_out])
+            yield (
+                n_out,
+                errors[n_out] if n_out in errors else _record(names[n_out], windows[n_out], args),
+            )
             n_out += 1
     for i in range(n_out, len(inputs)):  # inputs that failed after the last window
         yield i, errors[i]
 
 
-def _record(name, windows):
+def _record(name, windows, args):
     seconds, elapsed = sum(w.seconds for w in windows), sum(w.elapsed for w in windows)
     text = join_windows([w.text for w in windows])
     values = name, text, round(seconds, 3), round(elapsed, 3), round(seconds / elapsed, 1)
-    return dict(zip(COLUMNS, values))
+    record = dict(zip(COLUMNS, values))
+    if windows[0].words is not None:
+        words = [word for w in windows for word in w.words]
+        record["segments"] = split_segments(words, args.max_line_width, args.max_line_count)
+    return record
 
 
-def _format(record, output_format):
-    if output_format == "json":
+def _format(record, args):
+    if args.output_format in ("srt", "vtt"):
+        vtt = args.output_format == "vtt"
+        return subtitles(record["segments"], vtt, args.max_line_width, args.max_line_count)
+    if args.output_format == "json":
         return json.dumps(record, ensure_ascii=False)
-    if output_format == "tsv":  # tabs and line breaks inside a field become spaces
+    if args.output_format == "tsv":  # tabs and line breaks inside a field become spaces
         return "\t".join(" ".join(str(record[c]).splitlines()).replace("\t", " ") for c in COLUMNS)
     return record["text"]
 
@@ -1260,10 +1434,9 @@ def _write(path, text):
 
 
 def _parse_args():
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=formatter
-    )
+    formatter = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES,
+                                     formatter_class=formatter)  # fmt: skip
     add = parser.add_argument
     add("audio", nargs="+", help="audio files, directories (their audio files, by name), or -")
     add("--model", default=DEFAULT_MODEL, metavar="DIR|REPO",
@@ -1274,26 +1447,24 @@ def _parse_args():
     add("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
         help=f"windows transcribed together (default: {BATCH_SIZE})")  # fmt: skip
     add("--output-format", choices=SUFFIXES, default="text",
-        help=f"text, json (a line each: {', '.join(COLUMNS)}) or tsv")  # fmt: skip
-    add(
-        "--output-dir",
-        type=Path,
-        metavar="DIR",
-        help="also write DIR/<input path>.txt (or .json, .tsv)",
-    )
+        help=f"text, json (a line each: {', '.join(COLUMNS)}), tsv, srt or vtt")  # fmt: skip
+    add("--output-dir", type=Path, metavar="DIR", help="also write DIR/<input path>.txt, ...")
     add("--dtype", choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)")  # fmt: skip
     add("--verbose", action="store_true", help="also print the load time and a summary to stderr")
     add("--quiet", action="store_true", help="print only transcripts and errors")
+    add("--word-timestamps", action="store_true", help="json: add segments with timed words")
+    add("--max-line-width", type=int, default=42, metavar="N", help="srt, vtt: characters a line")
+    add("--max-line-count", type=int, default=2, metavar="N", help="srt, vtt: lines a cue")
     args = parser.parse_args()
     if not 1 <= args.chunk_seconds < math.inf:
         parser.error(f"--chunk-seconds must be at least 1 (and finite), got {args.chunk_seconds}")
-    for option, value in (
-        ("--editing-steps", args.editing_steps),
-        ("--batch-size", args.batch_size),
-    ):
-        if value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
+    if args.editing_steps < 1:
+        parser.error(f"--editing-steps must be at least 1, got {args.editing_steps}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_line_width < 1 or args.max_line_count < 1:
+        parser.error("--max-line-width and --max-line-count must be at least 1")
     if args.verbose and args.quiet:
         parser.error("--verbose and --quiet exclude each other: give one")
     if args.audio.count("-") > 1:
@@ -1329,27 +1500,21 @@ def main():
         print(message, file=sys.stderr)
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
     print(header, end="", flush=True)
-    failed, shown, seconds, start = (
-        sum(m.startswith("error") for m in messages),
-        0,
-        0.0,
-        time.perf_counter(),
-    )
+    failed, shown, seconds = sum(m.startswith("error") for m in messages), 0, 0.0
+    start = time.perf_counter()
     for i, record in _records(model, tokenizer, inputs, args):
         if isinstance(record, Exception):
             print(f"error: {record}", file=sys.stderr)
             failed += 1
             continue
-        line = _format(record, args.output_format)
-        if args.output_format == "text" and len(inputs) > 1:  # name each file, as head does
-            print(f"{chr(10) * (shown > 0)}==> {record['file']} <==")
+        line = _format(record, args)
+        if args.output_format in ("text", "srt", "vtt") and len(inputs) > 1:  # as head names them
+            print(f"{'' if shown == 0 else chr(10)}==> {record['file']} <==")
         print(line, flush=True)
         shown, seconds = shown + 1, seconds + record["audio_seconds"]
         if args.output_dir and not hasattr(inputs[i], "read"):
-            _write(
-                _output_path(args.output_dir, inputs[i], SUFFIXES[args.output_format]),
-                header + line + "\n",
-            )
+            path = _output_path(args.output_dir, inputs[i], SUFFIXES[args.output_format])
+            _write(path, header + line + "\n")
     if args.verbose:
         total = time.perf_counter() - start
         print(f"{len(inputs)} file(s), {seconds:.1f} s of audio in {total:.2f} s "

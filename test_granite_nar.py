@@ -7,6 +7,7 @@ reference computed in float32 (see tests/fixtures/README.md). Float stages must 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -766,3 +767,14 @@ def test_cli_default_model_is_the_5bit_conversion():
         result.stdout.split()
     )  # help wraps lines
     assert g.DEFAULT_MODEL == "mlx-community/granite-speech-4.1-2b-nar-mlx-5bit"
+
+
+def test_readme_quickstart_prints_what_it_says():
+    """The README's fixture commands, run as written, print its "This should print" block."""
+    readme = (HERE / "README.md").read_text()
+    quickstart = readme[readme.index("## Quickstart") : readme.index("## Python")]
+    commands, expected = re.findall(r"```\n(.*?)```", quickstart, re.S)[1:3]
+    for command in commands.strip().splitlines():
+        result = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=HERE)
+        assert result.returncode == 0, (command, result.stderr)
+    assert result.stdout == expected
