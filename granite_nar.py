@@ -667,7 +667,7 @@ def ctc_align(log_probs, ids, blank_id):
     if isinstance(log_probs, mx.array):  # gather the 2n + 1 columns before leaving the device
         log_probs = log_probs[:, mx.array(labels)].astype(mx.float32)
         labels = np.arange(len(labels))
-    emit = np.maximum(np.asarray(log_probs, np.float64)[:, labels], -1e30)  # -inf keeps no path
+    emit = np.maximum(np.asarray(log_probs)[:, labels].astype(np.float64), -1e30)  # not -inf
     skip = np.zeros(len(labels), bool)
     skip[3::2] = np.asarray(ids[1:]) != np.asarray(ids[:-1])  # different labels may touch
     score, back = np.full(len(labels), -np.inf), np.zeros(emit.shape, np.int8)
@@ -733,7 +733,8 @@ def split_segments(words, max_line_width=42, max_line_count=2, max_seconds=7.0, 
         text = "".join(w["word"] for w in current) + word["word"]
         if current and (
             word["start"] - current[-1]["end"] >= pause
-            or current[-1]["word"].strip().rstrip("\"')]}»”’").endswith(tuple(".?!…。？！"))
+            or current[-1]["word"].strip().rstrip("\"')]}»”’」』").endswith(tuple(".?!…。？！"))
+            or len(text.strip()) > max_line_width * max_line_count
             or len(_wrap(text, max_line_width)) > max_line_count
             or word["end"] - current[0]["start"] > max_seconds
         ):
@@ -757,7 +758,10 @@ def subtitles(segments, vtt=False, max_line_width=42, max_line_count=2):
 
     cues = []
     for segment in segments:
-        lines = _wrap(re.sub(r"--+>", "->", segment["text"]), max_line_width)  # no false timing
+        text = re.sub(r"--+>", "->", segment["text"])  # no false timing line
+        if vtt:  # WebVTT reads < and & as markup
+            text = text.replace("&", "&amp;").replace("<", "&lt;")
+        lines = _wrap(text, max_line_width)
         if not lines:
             continue
         if len(lines) > max_line_count:  # the segments fit; text given by hand may not
@@ -1195,6 +1199,8 @@ def word_times(model, tokenizer, bpe_logits, ids):
     """A window's BPE CTC logits (frames, vocab) and final ids -> its words, timed (seconds from
     the window's start) by aligning the ids to the logits; spread evenly, with confidence None,
     when no path fits."""
+    if not ids:
+        return []
     frame = model.args.encoder.bpe_pooling_window * SAMPLES_PER_FRAME / SAMPLE_RATE  # seconds
     log_probs = bpe_logits.astype(mx.float32)
     log_probs = log_probs - mx.logsumexp(log_probs, axis=-1, keepdims=True)
@@ -1295,8 +1301,20 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         for (i, start, w, last), text in zip(batch, texts):
             text, words = text if word_timestamps else (text, None)
             t0 = start / SAMPLE_RATE  # the window's words, in the input's time
-            words = words and [{**x, "start": x["start"] + t0, "end": x["end"] + t0} for x in words]
+            words = words and _shift(words, t0, len(w) / SAMPLE_RATE)
             yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), words)
+
+
+def _shift(words, start, seconds):
+    """A window's words in the input's time: its last frame may end past the window; a window
+    after the first begins a new word."""
+    words = [
+        {**x, "start": start + min(x["start"], seconds), "end": start + min(x["end"], seconds)}
+        for x in words
+    ]
+    if start > 0 and not words[0]["word"].startswith(" "):
+        words[0]["word"] = " " + words[0]["word"]
+    return words
 
 
 def join_windows(texts):

@@ -57,18 +57,6 @@ def assert_close(ours, ref, tol=TOL):
     assert err <= tol, f"max |diff| = {err:.2e} x max |ref|"
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted") / "mlx"
-    convert(CHECKPOINT, out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def loaded(model_dir):
-    return g.load(model_dir, dtype=mx.float32)
-
-
 @pytest.fixture(params=list(CASES), scope="session")
 def case(request):
     name = request.param

@@ -9,8 +9,9 @@ per case; `speed` is audio seconds per processing second (x real time).
 Batch 1 (--seconds): waveform -> text after a warm-up, median of --reps. Random weights make the
 encoder's hypothesis arbitrary, so it is computed and then replaced by K fixed tokens (default
 round(2.8 x seconds), about the real model's rate). `stages_ms` comes from a separate pass that
-waits after every stage. --peer also runs mlx-audio (pip install mlx-audio; not a dependency of
-this project) on the same weights in its layout, cast to the same dtype, with the same hypothesis.
+waits after every stage. --peer then runs mlx-audio (pip install mlx-audio; not a dependency of
+this project) on the same weights in its layout, cast to the same dtype, with the same hypothesis,
+once granite_nar's weights are freed (two float32 copies do not fit a 24 GB machine).
 
 Throughput (--clips N): N clips of LibriSpeech-like lengths (2-35 s, mean ~7 s), shortest first,
 --batch-sizes at a time, with fixed hypotheses; the speed of a second pass over all clips (the
@@ -27,11 +28,12 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
+
+# isort: split
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
-
-import granite_nar as g  # noqa: E402  (loads OpenBLAS before MLX)
 
 
 def synthetic_audio(seconds, seed=0):
@@ -50,7 +52,7 @@ def fixed_hypothesis(seconds, n_tokens=None):
 def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None):
     """g.transcribe_waveforms over one batch, with the encoder's hypotheses replaced by
     `hypotheses`; wait(stage, *arrays) is called after each stage."""
-    _, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)  # featurizer included
+    _, _, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)  # with the featurizer
     wait("encode", audio_embeds)
     edited = g.edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
     wait("edit")
@@ -179,26 +181,32 @@ def main():
     }
     if args.clips:
         return throughput(model, tokenizer, args, common)
-    with tempfile.TemporaryDirectory(prefix="mlx_audio_layout_") as peer_dir:
-        if args.peer:
-            from mlx_audio.stt import load as peer_load
+    cases = [(seconds, synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens))
+             for seconds in args.seconds]  # fmt: skip
+    for seconds, waveform, hypothesis in cases:
+        row = latency_row(lambda: ours(model, tokenizer, [waveform], [hypothesis]), "granite_nar",
+                          common, seconds, hypothesis, args.reps)  # fmt: skip
+        row["stages_ms"] = stages_ms(model, tokenizer, waveform, hypothesis)
+        print(json.dumps(row), flush=True)
+    if args.peer:  # alone in memory too: granite_nar's weights go first
+        from mlx_audio.stt import load as peer_load
 
-            to_mlx_audio_dir(args.model, Path(peer_dir), model.dtype)
+        del model
+        mx.clear_cache()
+        with tempfile.TemporaryDirectory(prefix="mlx_audio_layout_") as peer_dir:
+            to_mlx_audio_dir(args.model, Path(peer_dir), getattr(mx, common["dtype"]))
             peer_model = peer_load(peer_dir)
             mx.eval(peer_model.parameters())  # read before the directory goes
-    for seconds in args.seconds:
-        waveform, hypothesis = synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens)
-        case = {**common, "seconds_audio": seconds, "hyp_tokens": len(hypothesis)}
-        runs = {"granite_nar": lambda: ours(model, tokenizer, [waveform], [hypothesis])}
-        if args.peer:
-            runs["mlx-audio"] = lambda: peer(peer_model, waveform, hypothesis)
-        for impl, run in runs.items():
-            median, peak = measure(run, args.reps)
-            row = {"impl": impl, **case, "median_ms": round(1000 * median, 2),
-                   "speed": round(seconds / median, 1), "peak_mem_gb": round(peak, 3)}  # fmt: skip
-            if impl == "granite_nar":
-                row["stages_ms"] = stages_ms(model, tokenizer, waveform, hypothesis)
-            print(json.dumps(row), flush=True)
+        for seconds, waveform, hypothesis in cases:
+            run = lambda: peer(peer_model, waveform, hypothesis)  # noqa: E731
+            print(json.dumps(latency_row(run, "mlx-audio", common, seconds, hypothesis, args.reps)))
+
+
+def latency_row(run, impl, common, seconds, hypothesis, reps):
+    median, peak = measure(run, reps)
+    return {"impl": impl, **common, "seconds_audio": seconds, "hyp_tokens": len(hypothesis),
+            "median_ms": round(1000 * median, 2), "speed": round(seconds / median, 1),
+            "peak_mem_gb": round(peak, 3)}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
+
+# isort: split
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
 
-import granite_nar as g  # noqa: E402  (loads OpenBLAS before MLX)
 from convert import convert  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "dev"

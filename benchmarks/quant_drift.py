@@ -22,13 +22,14 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
+
+# isort: split
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from bench import fixed_hypothesis, synthetic_audio  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-
-import granite_nar as g  # noqa: E402  (loads OpenBLAS before MLX)
 
 
 def editor_logits(model, audio_embeds, text_ids, weights=None):

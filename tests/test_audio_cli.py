@@ -21,24 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import granite_nar as g  # noqa: E402
-from convert import convert  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "dev"
 AUDIO, AUDIO_SHORT = FIXTURE / "audio.wav", FIXTURE / "audio_short.wav"
 GOLDEN_TEXT = json.loads((FIXTURE / "golden.json").read_text())["decoded_text"]
 SR = g.SAMPLE_RATE
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted") / "mlx"
-    convert(FIXTURE / "checkpoint", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return g.load(model_dir, dtype=mx.float32)
 
 
 def _sine(freq, rate, seconds, amplitude=0.5):

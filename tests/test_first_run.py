@@ -17,16 +17,13 @@ import warnings
 import wave
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-import pytest
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import granite_nar as g  # noqa: E402
-from convert import convert  # noqa: E402
 
 SCRIPT = ROOT / "granite_nar.py"
 FIXTURE = ROOT / "tests" / "fixtures" / "dev"
@@ -35,18 +32,6 @@ GOLDEN_TEXT = json.loads((FIXTURE / "golden.json").read_text())["decoded_text"]
 GOLDEN_SHORT = json.loads((FIXTURE / "golden_short.json").read_text())["decoded_text"]
 SR = g.SAMPLE_RATE
 COLUMNS = ["file", "text", "audio_seconds", "processing_seconds", "speed"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted") / "mlx"
-    convert(FIXTURE / "checkpoint", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return g.load(model_dir, dtype=mx.float32)
 
 
 def _env(**extra):
