@@ -766,3 +766,17 @@ def test_readme_quickstart_prints_what_it_says():
         result = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=HERE)
         assert result.returncode == 0, (command, result.stderr)
     assert result.stdout == expected
+
+
+def test_openblas_absent_is_detected(monkeypatch):
+    """Without OpenBLAS, find_library gives None, and CDLL(None), the process itself, succeeds."""
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(g.ctypes.util, "find_library", lambda name: None)
+
+    def cdll(name, mode=0):
+        if name is None:
+            return object()
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(g.ctypes, "CDLL", cdll)
+    assert g._load_openblas() is False
