@@ -1472,6 +1472,11 @@ def _parse_args():
     add("--verbose", action="store_true", help="also print the load time and a summary to stderr")
     add("--quiet", action="store_true", help="print only transcripts and errors")
     add("--word-timestamps", action="store_true", help="json: add segments with timed words")
+    add(
+        "--skip-existing",
+        action="store_true",
+        help="skip the files whose --output-dir output exists",
+    )
     add("--max-line-width", type=int, default=42, metavar="N", help="srt, vtt: characters a line")
     add("--max-line-count", type=int, default=2, metavar="N", help="srt, vtt: lines a cue")
     args = parser.parse_args()
@@ -1487,6 +1492,8 @@ def _parse_args():
         parser.error("--verbose and --quiet exclude each other: give one")
     if args.audio.count("-") > 1:
         parser.error("- (standard input) can be given once")
+    if args.skip_existing and not args.output_dir:
+        parser.error("--skip-existing needs --output-dir: it skips the files whose outputs exist")
     return args
 
 
@@ -1514,30 +1521,70 @@ def main():
         print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
 
     inputs, messages = _inputs(args.audio)
-    for message in messages:
+    suffix = SUFFIXES[args.output_format]
+    if args.skip_existing:  # a stopped run resumes: done files keep their outputs
+        done = [x for x in inputs if _output_path(args.output_dir, x, suffix).exists()]
+        inputs = [x for x in inputs if x not in done]
+        messages += [f"note: {len(done)} file(s) skipped: their outputs exist"] if done else []
+    group = mx.distributed.init()  # under mlx.launch: several ranks, each with its share
+    mine = _shard(inputs, group.size(), group.rank())
+    for message in messages if group.rank() == 0 else []:
         print(message, file=sys.stderr)
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
-    print(header, end="", flush=True)
-    failed, shown, seconds = sum(m.startswith("error") for m in messages), 0, 0.0
+    failed, seconds, lines = sum(m.startswith("error") for m in messages), 0.0, {}
+    print(header if group.rank() == 0 else "", end="", flush=True)
     start = time.perf_counter()
-    for i, record in _records(model, tokenizer, inputs, args):
+    for j, record in _records(model, tokenizer, [inputs[i] for i in mine], args):
         if isinstance(record, Exception):
             print(f"error: {record}", file=sys.stderr)
             failed += 1
             continue
-        line = _format(record, args)
+        i, line = mine[j], _format(record, args)
         if args.output_format in ("text", "srt", "vtt") and len(inputs) > 1:  # as head names them
-            print(f"{'' if shown == 0 else chr(10)}==> {record['file']} <==")
-        print(line, flush=True)
-        shown, seconds = shown + 1, seconds + record["audio_seconds"]
+            line = f"==> {record['file']} <==\n{line}"
+        lines[i], seconds = line, seconds + record["audio_seconds"]
+        if group.size() == 1:  # one process: each record as soon as it and those before are done
+            print(("\n" if len(lines) > 1 and "==> " in line[:4] else "") + line, flush=True)
         if args.output_dir and not hasattr(inputs[i], "read"):
-            path = _output_path(args.output_dir, inputs[i], SUFFIXES[args.output_format])
-            _write(path, header + line + "\n")
+            _write(
+                _output_path(args.output_dir, inputs[i], suffix),
+                header + _format(record, args) + "\n",
+            )
+    if group.size() > 1:  # rank 0 prints every rank's records, in input order
+        gathered = [json.loads(text) for text in _gather_text(group, json.dumps(lines))]
+        every = {int(i): line for part in gathered for i, line in part.items()}
+        blank = "\n" if args.output_format in ("text", "srt", "vtt") and len(inputs) > 1 else ""
+        if group.rank() == 0:
+            print(blank.join(every[i] + "\n" for i in sorted(every)), end="", flush=True)
+        failed = int(mx.distributed.all_sum(mx.array(failed), group=group, stream=mx.cpu).item())
+        # rank 0's status is everyone's: mlx.launch stops the others when a rank exits non-zero
+        failed = failed if group.rank() == 0 else 0
     if args.verbose:
         total = time.perf_counter() - start
-        print(f"{len(inputs)} file(s), {seconds:.1f} s of audio in {total:.2f} s "
+        print(f"{len(mine)} file(s), {seconds:.1f} s of audio in {total:.2f} s "
               f"({seconds / total:.1f}x real time)", file=sys.stderr)  # fmt: skip
     return 1 if failed else 0
+
+
+def _shard(inputs, size, rank):
+    """The indices of the inputs one of `size` ranks transcribes: longest first, each to the
+    least loaded rank by the headers' durations, the same on every rank."""
+    loads, mine = [0.0] * size, []
+    for i in sorted(range(len(inputs)), key=lambda i: -duration(inputs[i])):
+        r = loads.index(min(loads))
+        loads[r] += duration(inputs[i]) + 1e-3  # unreadable files (0 s) are shared out too
+        mine += [i] if r == rank else []
+    return sorted(mine)
+
+
+def _gather_text(group, text):
+    """Each rank's text -> every rank's, in rank order (UTF-8 bytes through mx.distributed)."""
+    data = np.frombuffer(text.encode(), np.uint8)
+    sizes = mx.distributed.all_gather(mx.array([len(data)]), group=group, stream=mx.cpu).tolist()
+    padded = np.zeros(max(sizes), np.uint8)
+    padded[: len(data)] = data
+    rows = np.array(mx.distributed.all_gather(mx.array(padded), group=group, stream=mx.cpu))
+    return [bytes(row[:n]).decode() for row, n in zip(rows.reshape(len(sizes), -1), sizes)]
 
 
 if __name__ == "__main__":
