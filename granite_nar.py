@@ -1520,13 +1520,15 @@ def main():
     if args.verbose:
         print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
 
+    group = mx.distributed.init()  # under mlx.launch: several ranks, each with its share
+    if group.size() > 1 and "-" in args.audio:
+        sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
     inputs, messages = _inputs(args.audio)
     suffix = SUFFIXES[args.output_format]
     if args.skip_existing:  # a stopped run resumes: done files keep their outputs
         done = [x for x in inputs if _output_path(args.output_dir, x, suffix).exists()]
         inputs = [x for x in inputs if x not in done]
         messages += [f"note: {len(done)} file(s) skipped: their outputs exist"] if done else []
-    group = mx.distributed.init()  # under mlx.launch: several ranks, each with its share
     mine = _shard(inputs, group.size(), group.rank())
     for message in messages if group.rank() == 0 else []:
         print(message, file=sys.stderr)

@@ -88,3 +88,9 @@ def test_a_failing_file_is_reported_and_the_others_run(model_dir, corpus, tmp_pa
     assert "rank 0 exited with code 1" in result.stderr  # the status of all ranks (mlx.launch)
     assert result.stderr.count("broken.wav: cannot read") == 1 and "Traceback" not in result.stderr
     assert len(outputs(tmp_path / "out")) == 7 and result.stdout.count("==> ") == 7
+
+
+def test_standard_input_is_refused_under_launch(model_dir, tmp_path):
+    result = run(model_dir, "-", processes=2, cwd=tmp_path)
+    assert "- (standard input) reaches one process only" in result.stderr
+    assert "Traceback" not in result.stderr
