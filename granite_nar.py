@@ -161,7 +161,7 @@ class ModelArgs:
 
 def _mel_filters():
     """HTK mel filters without area normalization, (N_FFT // 2 + 1, N_MELS), built in float64."""
-    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)  # noqa: E731
+    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)
     f_pts = 700.0 * (10.0 ** (np.linspace(mel(0.0), mel(SAMPLE_RATE / 2), N_MELS + 2) / 2595.0) - 1)
     bins = np.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1)[:, None]
     rising = (bins - f_pts[:-2]) / (f_pts[1:-1] - f_pts[:-2])
@@ -367,7 +367,7 @@ class QFormerAttention(nn.Module):
 
     def __call__(self, query, kv):  # (N, q, H), (N, block, H) -> (N, q, H)
         N, Lq, _ = query.shape
-        heads = lambda a: a.reshape(N, a.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)  # noqa: E731
+        heads = lambda a: a.reshape(N, a.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(N, Lq, -1))
@@ -653,6 +653,9 @@ class Tokenizer:
 
 # ---- word timestamps ----
 
+SENTENCE_END = tuple(".?!…。？！")
+CLOSERS = "\"')]}»”’」』"  # closing quotes and brackets after a sentence's end: 'end."'
+
 
 def ctc_align(log_probs, ids, blank_id):
     """The (start, end) frames, end exclusive, of each id on a best-scoring CTC path of
@@ -733,7 +736,7 @@ def split_segments(words, max_line_width=42, max_line_count=2, max_seconds=7.0, 
         text = "".join(w["word"] for w in current) + word["word"]
         if current and (
             word["start"] - current[-1]["end"] >= pause
-            or current[-1]["word"].strip().rstrip("\"')]}»”’」』").endswith(tuple(".?!…。？！"))
+            or current[-1]["word"].strip().rstrip(CLOSERS).endswith(SENTENCE_END)
             or len(text.strip()) > max_line_width * max_line_count
             or len(_wrap(text, max_line_width)) > max_line_count
             or word["end"] - current[0]["start"] > max_seconds
@@ -742,7 +745,7 @@ def split_segments(words, max_line_width=42, max_line_count=2, max_seconds=7.0, 
             current = []
         current.append(word)
     segments += [current] if current else []
-    text = lambda ws: "".join(w["word"] for w in ws).strip()  # noqa: E731
+    text = lambda ws: "".join(w["word"] for w in ws).strip()
     return [
         {"start": ws[0]["start"], "end": ws[-1]["end"], "text": text(ws), "words": ws}
         for ws in segments
@@ -1176,8 +1179,10 @@ def encode_waveforms(model, waveforms):
         pad_rows(features, T).astype(model.dtype), mask
     )
     W, blank = args.encoder.bpe_pooling_window, args.blank_token_id
-    bpe_logits = [row[: -(-n // W)] for row, n in zip(bpe_logits, lengths)]
-    hypotheses = [ctc_collapse(mx.argmax(row, axis=-1), blank) for row in bpe_logits]
+    frames = [-(-n // W) for n in lengths]  # each one's real BPE frames
+    best = np.array(mx.argmax(bpe_logits, axis=-1))  # (B, frames): waits for the encoder
+    hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(best, frames)]
+    bpe_logits = [row[:n] for row, n in zip(bpe_logits, frames)]
     audio_lengths = mx.array([n // args.projector.downsample_rate for n in lengths])
     return hypotheses, bpe_logits, audio_embeds, audio_lengths
 
@@ -1228,6 +1233,8 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_time
         hypotheses, bpe_logits, audio_embeds, audio_lengths = encode_waveforms(
             model, [waveforms[i] for i in live]
         )
+        if not word_timestamps:  # a large batch's BPE logits take GBs: not through the editor
+            bpe_logits = [None] * len(live)
         for _ in range(editing_steps):
             hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
         for i, logits, ids in zip(live, bpe_logits, hypotheses):

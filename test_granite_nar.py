@@ -617,7 +617,7 @@ def test_quantized_module_types_config_and_size(model_dir, quantized):
             assert isinstance(module, nn.QuantizedLinear) == name.startswith("editor."), name
     stored = mx.load(str(q_dir / "model.safetensors"))
     float_stored = mx.load(str(model_dir / "model.safetensors"))
-    editor_bytes = lambda w: sum(v.nbytes for k, v in w.items() if k.startswith("editor."))  # noqa: E731
+    editor_bytes = lambda w: sum(v.nbytes for k, v in w.items() if k.startswith("editor."))
     # bf16 is 16 bits a weight; affine adds a bf16 scale and bias per group of 32 (1 bit a weight)
     assert editor_bytes(stored) < editor_bytes(float_stored) * (bits + 1.05) / 16
     assert (q_dir / "model.safetensors").stat().st_size < (

@@ -198,7 +198,7 @@ def main():
             peer_model = peer_load(peer_dir)
             mx.eval(peer_model.parameters())  # read before the directory goes
         for seconds, waveform, hypothesis in cases:
-            run = lambda: peer(peer_model, waveform, hypothesis)  # noqa: E731
+            run = lambda: peer(peer_model, waveform, hypothesis)
             print(json.dumps(latency_row(run, "mlx-audio", common, seconds, hypothesis, args.reps)))
 
 
