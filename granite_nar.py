@@ -806,11 +806,10 @@ def from_native(config):
     The native one lists cat_hidden_layers (the last layer always follows), has no
     min_edit_sequence_length (IBM's is 8), and its projector is as wide as the editor."""
     encoder = config.get("encoder_config") or {}
-    if "encoder_layer_indices" in config or not {"vocabulary_size", "pooling_window"} & set(
-        encoder
-    ):
+    native_keys = {"vocabulary_size", "pooling_window"} & set(encoder)
+    if "encoder_layer_indices" in config or not native_keys:
         return None
-    config = {k: v for k, v in config.items()}
+    config = dict(config)
     for section, names in NATIVE_KEYS.items():
         config[section] = {names.get(k, k): v for k, v in config.get(section, {}).items()}
     layers = list(encoder.get("cat_hidden_layers", [4, 8, 12])) + [-1]
@@ -894,8 +893,9 @@ def read_weights(path):
 def read_checkpoint(path):
     """A model directory -> (config.json in the original layout's keys, an unloaded GraniteNAR of
     that config, the tensors in this module's names)."""
-    native = from_native(read_config(path))
-    config = native or read_config(path)
+    stored_config = read_config(path)
+    native = from_native(stored_config)
+    config = native or stored_config
     model = GraniteNAR(ModelArgs.from_dict(config))
     weights = sanitize(read_weights(path))
     stored = weights.get("projector.layer_projector.weight")
@@ -1541,6 +1541,7 @@ def main():
         print(message, file=sys.stderr)
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
     failed, seconds, lines = sum(m.startswith("error") for m in messages), 0.0, {}
+    named = args.output_format in ("text", "srt", "vtt") and len(inputs) > 1  # as head names them
     print(header if group.rank() == 0 else "", end="", flush=True)
     start = time.perf_counter()
     for j, record in _records(model, tokenizer, [inputs[i] for i in mine], args):
@@ -1548,23 +1549,19 @@ def main():
             print(f"error: {record}", file=sys.stderr)
             failed += 1
             continue
-        i, line = mine[j], _format(record, args)
-        if args.output_format in ("text", "srt", "vtt") and len(inputs) > 1:  # as head names them
-            line = f"==> {record['file']} <==\n{line}"
-        lines[i], seconds = line, seconds + record["audio_seconds"]
+        i, text = mine[j], _format(record, args)
+        lines[i] = f"==> {record['file']} <==\n{text}" if named else text
+        seconds += record["audio_seconds"]
         if group.size() == 1:  # one process: each record as soon as it and those before are done
-            print(("\n" if len(lines) > 1 and "==> " in line[:4] else "") + line, flush=True)
+            print(("\n" if named and len(lines) > 1 else "") + lines[i], flush=True)
         if args.output_dir and not hasattr(inputs[i], "read"):
-            _write(
-                _output_path(args.output_dir, inputs[i], suffix),
-                header + _format(record, args) + "\n",
-            )
+            _write(_output_path(args.output_dir, inputs[i], suffix), header + text + "\n")
     if group.size() > 1:  # rank 0 prints every rank's records, in input order
         gathered = [json.loads(text) for text in _gather_text(group, json.dumps(lines))]
         every = {int(i): line for part in gathered for i, line in part.items()}
-        blank = "\n" if args.output_format in ("text", "srt", "vtt") and len(inputs) > 1 else ""
         if group.rank() == 0:
-            print(blank.join(every[i] + "\n" for i in sorted(every)), end="", flush=True)
+            blocks = [every[i] + "\n" for i in sorted(every)]
+            print(("\n" if named else "").join(blocks), end="", flush=True)
         failed = int(mx.distributed.all_sum(mx.array(failed), group=group, stream=mx.cpu).item())
         # rank 0's status is everyone's: mlx.launch stops the others when a rank exits non-zero
         failed = failed if group.rank() == 0 else 0
