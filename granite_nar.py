@@ -6,9 +6,8 @@
       -> bidirectional Granite editor over [audio | _ t1 _ t2 ... _] -> CTC collapse -> text
 
 The editor rewrites every blank-interleaved slot of the hypothesis at once: a transcript costs
-one encoder pass and one editor pass. Sections follow the data: config, featurizer, encoder,
-projector, editor, model, decoding, loading, audio input, transcription, command line. The
-reference is IBM's released code (transformers granite_speech_nar @032cc088).
+one encoder pass and one editor pass. The reference is IBM's released code (transformers
+granite_speech_nar @032cc088).
 
     python granite_nar.py audio.wav [--model DIR|REPO]     (--help lists the options)
     model, tokenizer = granite_nar.load("granite_nar_mlx")
@@ -50,6 +49,7 @@ import mlx.core as mx  # noqa: E402  (after OpenBLAS, on purpose)
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
+import soxr  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 # ---- config ----
@@ -185,13 +185,8 @@ def log_mel(waveforms):
             raise ValueError(f"audio too short: {len(w)} samples, at least 320 needed")
     pad = N_FFT // 2  # center=True: reflect padding (w[pad] .. w[1] | w | w[-2] ..), then zeros
     x = np.zeros((len(waveforms), max(map(len, waveforms)) + 2 * pad), np.float32)
-    for row, w in zip(x, waveforms):  # written in place: np.pad would copy every row once more
-        n = len(w)
-        row[:pad], row[pad : pad + n], row[pad + n : n + 2 * pad] = (
-            w[pad:0:-1],
-            w,
-            w[-2 : -pad - 2 : -1],
-        )
+    for row, w in zip(x, waveforms):
+        row[: len(w) + 2 * pad] = np.pad(w, pad, mode="reflect")
     lengths = [len(w) // SAMPLES_PER_FRAME for w in waveforms]
     return _log_mel(mx.array(x), mx.array(lengths)), lengths
 
@@ -444,12 +439,8 @@ class QFormerProjector(nn.Module):
 class EditorAttention(nn.Module):
     def __init__(self, args: EditorArgs):
         super().__init__()
-        dim, self.n_heads, self.n_kv_heads = (
-            args.hidden_size,
-            args.num_attention_heads,
-            args.num_key_value_heads,
-        )
-        head_dim = dim // self.n_heads
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        dim, head_dim = args.hidden_size, args.hidden_size // args.num_attention_heads
         self.scale = args.attention_multiplier  # Granite's, instead of 1 / sqrt(head_dim)
         self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
@@ -671,26 +662,24 @@ def ctc_align(log_probs, ids, blank_id):
         log_probs = log_probs[:, mx.array(labels)].astype(mx.float32)
         labels = np.arange(len(labels))
     emit = np.maximum(np.asarray(log_probs)[:, labels].astype(np.float64), -1e30)  # not -inf
-    skip = np.zeros(len(labels), bool)
-    skip[3::2] = np.asarray(ids[1:]) != np.asarray(ids[:-1])  # different labels may touch
-    score, back = np.full(len(labels), -np.inf), np.zeros(emit.shape, np.int8)
-    score[:2] = emit[0, :2]
-    for t in range(1, len(emit)):  # came[k, s]: the best score reaching s from s - k
-        came = np.full((3, len(labels)), -np.inf)
-        came[0], came[1, 1:], came[2, 2:] = (
-            score,
-            score[:-1],
-            np.where(skip[2:], score[:-2], -np.inf),
-        )
-        back[t], score = came.argmax(axis=0), came.max(axis=0) + emit[t]
-    state, path = len(labels) - 1 - int(score[-2] > score[-1]), np.empty(len(emit), np.int64)
-    for t in range(len(emit) - 1, -1, -1):
-        path[t], state = state, state - int(back[t, state])
+    skip = np.full(len(labels), -np.inf)  # 0 where a label may follow the one two back
+    skip[3::2][np.asarray(ids[1:]) != np.asarray(ids[:-1])] = 0
+    scores = np.full((len(emit), len(labels) + 2), -np.inf)  # [t, s + 2]: the best path to s
+    scores[0, 2:4] = emit[0, :2]
+    for t in range(1, len(emit)):  # from s (stay), s - 1 (advance) or s - 2 (skip a blank)
+        before, now = scores[t - 1], scores[t, 2:]
+        np.maximum(before[2:], before[1:-1], out=now)
+        np.maximum(now, before[:-2] + skip, out=now)
+        now += emit[t]
+    state, path = len(labels) - 1 - int(scores[-1, -2] > scores[-1, -1]), np.empty(len(emit), int)
+    for t in range(len(emit) - 1, 0, -1):  # back along the best moves, the first best on ties
+        path[t], before = state, scores[t - 1]
+        came = (before[state + 2], before[state + 1], before[state] + skip[state])
+        state -= came.index(max(came))
+    path[0] = state
     tokens = np.arange(1, len(labels), 2)  # the path never goes back: a token's frames are a run
-    spans = zip(
-        np.searchsorted(path, tokens).tolist(), np.searchsorted(path, tokens, "right").tolist()
-    )
-    return list(spans)
+    starts, ends = np.searchsorted(path, tokens), np.searchsorted(path, tokens, "right")
+    return list(zip(starts.tolist(), ends.tolist()))
 
 
 def group_words(pieces):
@@ -976,64 +965,8 @@ def load(path, dtype=None, dequantize=None):
 # ---- audio input ----
 
 READ_SECONDS = 10  # read, mixed and resampled this much at a time: memory stays flat
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
-AUDIO_EXTENSIONS += (".caf", ".w64", ".rf64")
-
-
-class Resampler:
-    """Polyphase windowed-sinc resampler, `rate` -> 16 kHz at the exact rational ratio, fed block
-    by block. Output n interpolates the input at time n * rate / 16000 with 2 fc sinc(2 fc t)
-    times a Kaiser window, each phase at unit DC gain. With f = min(rate, 16000): passband to
-    0.45 f, fc = 0.475 f, stopband from 0.5 f (8 kHz when downsampling), 80 dB down."""
-
-    PASSBAND, STOPBAND, ATTENUATION_DB = 0.45, 0.5, 80.0
-    GROUP = 256  # outputs per matrix product: bounds the matrices for rates with no small ratio
-
-    def __init__(self, rate):
-        g = math.gcd(rate, SAMPLE_RATE)
-        low, up, down = min(rate, SAMPLE_RATE), SAMPLE_RATE // g, rate // g  # up out per down in
-        transition = (self.STOPBAND - self.PASSBAND) * 2 * math.pi
-        half = math.ceil((self.ATTENUATION_DB - 7.95) / (2.285 * transition) / 2 * rate / low)
-        periods = -(-2 * half // down)  # periods per product row: a row spans the whole filter
-        self.up, self.down, self.half = up * periods, down * periods, half
-        n = np.arange(self.up)
-        first = n * down // up  # output n reads padded inputs first .. first + 2 half - 1
-        t = (n * down % up / up + half - 1)[:, None] - np.arange(2 * half)  # output - input time
-        fc, beta = (
-            (self.PASSBAND + self.STOPBAND) / 2 * low / rate,
-            0.1102 * (self.ATTENUATION_DB - 8.7),
-        )
-        window = np.i0(beta * np.sqrt(np.maximum(0, 1 - (t / half) ** 2)))
-        taps = 2 * fc * np.sinc(2 * fc * t) * window
-        taps /= taps.sum(axis=1, keepdims=True)
-        self.groups = []  # (first column, first input, band): periods @ band = those outputs
-        for col in range(0, self.up, self.GROUP):
-            starts = first[col : col + self.GROUP] - first[col]
-            band = np.zeros((starts[-1] + 2 * half, len(starts)), np.float32)
-            for j, (s, phase) in enumerate(zip(starts, taps[col : col + self.GROUP])):
-                band[s : s + 2 * half, j] = phase
-            self.groups.append((col, first[col], band))
-        self.span = first[-1] + 2 * half  # padded inputs one period reads
-        self.pending = np.zeros(half - 1, np.float32)  # left zero padding, then unread inputs
-        self.n_in = self.n_out = 0
-
-    def __call__(self, x, last=False):
-        """(n,) float32 -> the 16 kHz samples it completes; last=True flushes the rest."""
-        self.n_in += len(x)
-        tail = np.zeros(self.half + self.down if last else 0, np.float32)
-        x = np.concatenate([self.pending, x, tail])
-        n_periods = max(0, (len(x) - self.span) // self.down + 1)
-        out = np.empty((n_periods, self.up), np.float32)
-        step = x.strides[0]
-        for col, start, band in self.groups:  # rows: the overlapping stretches each period reads
-            rows = np.lib.stride_tricks.as_strided(
-                x[start:], (n_periods, len(band)), (self.down * step, step)
-            )
-            out[:, col : col + band.shape[1]] = np.ascontiguousarray(rows) @ band
-        self.pending = x[n_periods * self.down :]
-        out = out.reshape(-1)[: -(-self.n_in * self.up // self.down) - self.n_out if last else None]
-        self.n_out += len(out)
-        return out
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
+                    ".caf", ".w64", ".rf64")  # fmt: skip
 
 
 def _open_audio(audio):
@@ -1075,7 +1008,7 @@ def _array_audio(audio, sample_rate):
         at = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0] / rate
         raise ValueError(f"waveform has NaN or infinite samples at {at:.2f} s")
     mono = (x.mean(axis=1) if x.ndim == 2 else x).astype(np.float32)
-    return Resampler(int(rate))(mono, last=True) if rate != SAMPLE_RATE else mono
+    return soxr.resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono
 
 
 def _audio_blocks(audio, sample_rate=None):
@@ -1087,7 +1020,9 @@ def _audio_blocks(audio, sample_rate=None):
     if sample_rate is not None:
         raise ValueError(f"{audio}: sample_rate is for arrays; a file's rate is read from the file")
     with _open_audio(audio) as f:
-        rate, resample = f.samplerate, f.samplerate != SAMPLE_RATE and Resampler(f.samplerate)
+        rate, resample = f.samplerate, None
+        if rate != SAMPLE_RATE:  # soxr's high quality: linear phase, its delay removed
+            resample = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32").resample_chunk
         n_read, size, block = 0, READ_SECONDS * f.samplerate, None
         while block is None or len(block) == size:  # a short block is the last
             try:
@@ -1479,11 +1414,7 @@ def _parse_args():
     add("--verbose", action="store_true", help="also print the load time and a summary to stderr")
     add("--quiet", action="store_true", help="print only transcripts and errors")
     add("--word-timestamps", action="store_true", help="json: add segments with timed words")
-    add(
-        "--skip-existing",
-        action="store_true",
-        help="skip the files whose --output-dir output exists",
-    )
+    add("--skip-existing", action="store_true", help="skip files whose --output-dir output exists")
     add("--max-line-width", type=int, default=42, metavar="N", help="srt, vtt: characters a line")
     add("--max-line-count", type=int, default=2, metavar="N", help="srt, vtt: lines a cue")
     args = parser.parse_args()
