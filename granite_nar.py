@@ -169,9 +169,18 @@ def _mel_filters():
     return mx.array(np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32))
 
 
-MEL_FILTERS = _mel_filters()
-_HANN = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)  # periodic
-WINDOW = mx.array(np.pad(_HANN, (N_FFT - WIN_LENGTH) // 2).astype(np.float32))  # centered
+def _stft_basis():
+    """The periodic Hann window times the one-sided DFT of N_FFT points, as (WIN_LENGTH, 2 x 257):
+    a frame's WIN_LENGTH middle samples @ it = the real and imaginary parts of its spectrum (the
+    window, centered in the frame, is zero elsewhere). One matmul: faster than mx.fft on a GPU."""
+    n = np.arange(WIN_LENGTH)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / WIN_LENGTH)
+    angle = 2 * np.pi * np.outer(n + (N_FFT - WIN_LENGTH) // 2, np.arange(N_FFT // 2 + 1)) / N_FFT
+    basis = window[:, None] * np.concatenate([np.cos(angle), -np.sin(angle)], axis=1)
+    return mx.array(basis.astype(np.float32))
+
+
+MEL_FILTERS, STFT_BASIS = _mel_filters(), _stft_basis()
 
 
 def log_mel(waveforms):
@@ -195,13 +204,14 @@ def log_mel(waveforms):
 def _log_mel(x, lengths):  # (B, n + N_FFT) padded waveforms, (B,) frames -> (B, T, 160)
     B, n = x.shape
     n_frames = 2 * ((n - N_FFT) // SAMPLES_PER_FRAME)  # an even count of STFT frames
-    frames = mx.as_strided(x, (B, n_frames, N_FFT), (n, HOP_LENGTH, 1))
-    spectrum = mx.fft.rfft(frames * WINDOW)  # (B, 2T, 257)
-    power = mx.square(spectrum.real) + mx.square(spectrum.imag)
+    start = (N_FFT - WIN_LENGTH) // 2  # where the window begins in each frame
+    frames = mx.as_strided(x, (B, n_frames, WIN_LENGTH), (n, HOP_LENGTH, 1), offset=start)
+    real, imag = mx.split(frames @ STFT_BASIS, 2, axis=-1)  # (B, 2T, 257) each
+    power = mx.square(real) + mx.square(imag)
     logmel = mx.log10(mx.maximum(power @ MEL_FILTERS, 1e-10))  # (B, 2T, 80)
-    real = (mx.arange(n_frames) < 2 * lengths[:, None])[..., None]
-    top = mx.where(real, logmel, -mx.inf).max(axis=(1, 2), keepdims=True)  # per utterance
-    logmel = mx.where(real, mx.maximum(logmel, top - 8.0) / 4 + 1, 0)
+    inside = (mx.arange(n_frames) < 2 * lengths[:, None])[..., None]
+    top = mx.where(inside, logmel, -mx.inf).max(axis=(1, 2), keepdims=True)  # per utterance
+    logmel = mx.where(inside, mx.maximum(logmel, top - 8.0) / 4 + 1, 0)
     return logmel.reshape(B, -1, 2 * N_MELS)
 
 

@@ -16,6 +16,9 @@ once granite_nar's weights are freed (two float32 copies do not fit a 24 GB mach
 Throughput (--clips N): N clips of LibriSpeech-like lengths (2-35 s, mean ~7 s), shortest first,
 --batch-sizes at a time, with fixed hypotheses; the speed of a second pass over all clips (the
 first also traces each new shape), and the peak memory.
+
+--word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypothesis on each
+clip's BPE CTC logits): a `word_timestamps` stage in stages_ms, and throughput rows with them.
 """
 
 import argparse
@@ -49,29 +52,37 @@ def fixed_hypothesis(seconds, n_tokens=None):
     return [1000 + 7 * i % 5000 for i in range(n)]
 
 
-def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None):
+def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None, timed=False):
     """g.transcribe_waveforms over one batch, with the encoder's hypotheses replaced by
-    `hypotheses`; wait(stage, *arrays) is called after each stage."""
-    _, _, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)  # with the featurizer
+    `hypotheses`; wait(stage, *arrays) is called after each stage. timed: word timestamps too,
+    aligning the hypotheses (random weights make the edited ids arbitrary)."""
+    _, bpe_logits, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)
     wait("encode", audio_embeds)
     edited = g.edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
     wait("edit")
     texts = [tokenizer.decode(ids) for ids in edited]
     wait("decode")
+    if timed:
+        [g.word_times(model, tokenizer, x, ids) for x, ids in zip(bpe_logits, hypotheses)]
+        wait("word_timestamps")
     return texts
 
 
-def stages_ms(model, tokenizer, waveform, hypothesis):
-    """Milliseconds per stage of a pass that waits for the GPU after each (after a warm-up)."""
-    for _ in range(2):
-        times, tic = {}, [time.perf_counter()]
+def stages_ms(model, tokenizer, waveforms, hypotheses, timed, passes=2):
+    """Milliseconds per stage of a batch (the last of `passes`: the first warms up), waiting for
+    the GPU after each; the featurizer is timed alone first, and "encode" is the rest."""
+    for _ in range(passes):
+        tic = time.perf_counter()
+        mx.eval(g.log_mel(waveforms)[0])
+        times, tic = {"featurizer": 1000 * (time.perf_counter() - tic)}, [time.perf_counter()]
 
         def wait(stage, *arrays):
             mx.eval(*arrays)
-            times[stage] = round(1000 * (time.perf_counter() - tic[0]), 2)
+            times[stage] = 1000 * (time.perf_counter() - tic[0])
             tic[0] = time.perf_counter()
 
-        ours(model, tokenizer, [waveform], [hypothesis], wait)
+        ours(model, tokenizer, waveforms, hypotheses, wait, timed)
+        times["encode"] -= times["featurizer"]  # encode_waveforms computes the features again
     return times
 
 
@@ -130,7 +141,9 @@ def throughput(model, tokenizer, args, common):
     waveforms = [synthetic_audio(seconds, seed=i) for i, seconds in enumerate(lengths)]
     order = np.argsort(lengths, kind="stable")  # shortest first, as transcribe_stream takes them
     seconds = float(lengths.sum())
-    for batch_size in args.batch_sizes:
+    cases = [(b, False) for b in args.batch_sizes]
+    cases += [(b, True) for b in args.batch_sizes if args.word_timestamps]
+    for batch_size, timed in cases:
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         walls = []
         for _ in range(2):  # the first pass also traces each new shape
@@ -138,11 +151,18 @@ def throughput(model, tokenizer, args, common):
             tic = time.perf_counter()
             for batch in batches:
                 hypotheses = [fixed_hypothesis(lengths[i]) for i in batch]
-                ours(model, tokenizer, [waveforms[i] for i in batch], hypotheses)
+                ours(model, tokenizer, [waveforms[i] for i in batch], hypotheses, timed=timed)
             walls.append(time.perf_counter() - tic)
+        stages = {}  # a third pass, waiting after each stage: where the time goes
+        for batch in batches:
+            hypotheses = [fixed_hypothesis(lengths[i]) for i in batch]
+            clips = [waveforms[i] for i in batch]
+            for stage, ms in stages_ms(model, tokenizer, clips, hypotheses, timed, 1).items():
+                stages[stage] = stages.get(stage, 0) + ms
         row = {
             "impl": "granite_nar",
             **common,
+            "word_timestamps": timed,
             "batch_size": batch_size,
             "clips": args.clips,
             "seconds_audio": round(seconds, 1),
@@ -150,6 +170,7 @@ def throughput(model, tokenizer, args, common):
             "speed": round(seconds / walls[1], 1),
             "first_pass_speed": round(seconds / walls[0], 1),
             "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3),
+            "stages_ms": {stage: round(ms, 1) for stage, ms in stages.items()},
         }
         print(json.dumps(row), flush=True)
 
@@ -169,6 +190,7 @@ def main():
     add("--peer", action="store_true", help="also time mlx-audio on the same weights")
     add("--clips", type=int, help="time throughput instead, over this many LibriSpeech-like clips")
     add("--batch-sizes", type=int, nargs="+", default=[32, 128], help="throughput: batch sizes")
+    add("--word-timestamps", action="store_true", help="also time word timestamps (ctc_align)")
     args = parser.parse_args()
 
     model, tokenizer = g.load(args.model, getattr(mx, args.dtype) if args.dtype else None)
@@ -186,7 +208,8 @@ def main():
     for seconds, waveform, hypothesis in cases:
         row = latency_row(lambda: ours(model, tokenizer, [waveform], [hypothesis]), "granite_nar",
                           common, seconds, hypothesis, args.reps)  # fmt: skip
-        row["stages_ms"] = stages_ms(model, tokenizer, waveform, hypothesis)
+        stages = stages_ms(model, tokenizer, [waveform], [hypothesis], args.word_timestamps)
+        row["stages_ms"] = {stage: round(ms, 2) for stage, ms in stages.items()}
         print(json.dumps(row), flush=True)
     if args.peer:  # alone in memory too: granite_nar's weights go first
         from mlx_audio.stt import load as peer_load
