@@ -47,7 +47,15 @@ def test_bench_prints_one_json_line_per_case(small_model):
             row["seconds_audio"] / row["median_ms"] * 1000, rel=0.01
         )
         assert row["peak_mem_gb"] >= row["weights_gb"] > 0
-        assert list(row["stages_ms"]) == ["encode", "edit", "decode"]
+        assert list(row["stages_ms"]) == ["featurizer", "encode", "edit", "decode"]
+
+
+def test_bench_word_timestamps_add_a_stage_and_rows(small_model):
+    args = ("--model", small_model, "--word-timestamps")
+    row = json.loads(run("benchmarks/bench.py", *args, "--seconds", "2", "--reps", "1"))
+    assert list(row["stages_ms"]) == ["featurizer", "encode", "edit", "decode", "word_timestamps"]
+    lines = run("benchmarks/bench.py", *args, "--clips", "3", "--batch-sizes", "2").splitlines()
+    assert [json.loads(line)["word_timestamps"] for line in lines] == [False, True]
 
 
 def test_bench_throughput_prints_one_line_per_batch_size(small_model):
@@ -62,6 +70,7 @@ def test_bench_throughput_prints_one_line_per_batch_size(small_model):
     for row in rows:
         assert row["speed"] == pytest.approx(row["seconds_audio"] / row["wall_s"], rel=0.01)
         assert row["first_pass_speed"] > 0 and row["peak_mem_gb"] >= row["weights_gb"] > 0
+        assert list(row["stages_ms"]) == ["featurizer", "encode", "edit", "decode"]
 
 
 def test_fidelity_reports_granite_nar_exact_and_cleans_up(tmp_path):
