@@ -169,18 +169,9 @@ def _mel_filters():
     return mx.array(np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32))
 
 
-def _stft_basis():
-    """The periodic Hann window times the one-sided DFT of N_FFT points, as (WIN_LENGTH, 2 x 257):
-    a frame's WIN_LENGTH middle samples @ it = the real and imaginary parts of its spectrum (the
-    window, centered in the frame, is zero elsewhere). One matmul: faster than mx.fft on a GPU."""
-    n = np.arange(WIN_LENGTH)
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / WIN_LENGTH)
-    angle = 2 * np.pi * np.outer(n + (N_FFT - WIN_LENGTH) // 2, np.arange(N_FFT // 2 + 1)) / N_FFT
-    basis = window[:, None] * np.concatenate([np.cos(angle), -np.sin(angle)], axis=1)
-    return mx.array(basis.astype(np.float32))
-
-
-MEL_FILTERS, STFT_BASIS = _mel_filters(), _stft_basis()
+MEL_FILTERS = _mel_filters()
+_HANN = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)  # periodic
+WINDOW = mx.array(np.pad(_HANN, (N_FFT - WIN_LENGTH) // 2).astype(np.float32))  # centered
 
 
 def log_mel(waveforms):
@@ -204,10 +195,9 @@ def log_mel(waveforms):
 def _log_mel(x, lengths):  # (B, n + N_FFT) padded waveforms, (B,) frames -> (B, T, 160)
     B, n = x.shape
     n_frames = 2 * ((n - N_FFT) // SAMPLES_PER_FRAME)  # an even count of STFT frames
-    start = (N_FFT - WIN_LENGTH) // 2  # where the window begins in each frame
-    frames = mx.as_strided(x, (B, n_frames, WIN_LENGTH), (n, HOP_LENGTH, 1), offset=start)
-    real, imag = mx.split(frames @ STFT_BASIS, 2, axis=-1)  # (B, 2T, 257) each
-    power = mx.square(real) + mx.square(imag)
+    frames = mx.as_strided(x, (B, n_frames, N_FFT), (n, HOP_LENGTH, 1))
+    spectrum = mx.fft.rfft(frames * WINDOW)  # (B, 2T, 257)
+    power = mx.square(spectrum.real) + mx.square(spectrum.imag)
     logmel = mx.log10(mx.maximum(power @ MEL_FILTERS, 1e-10))  # (B, 2T, 80)
     inside = (mx.arange(n_frames) < 2 * lengths[:, None])[..., None]
     top = mx.where(inside, logmel, -mx.inf).max(axis=(1, 2), keepdims=True)  # per utterance
@@ -661,35 +651,35 @@ CLOSERS = "\"')]}»”’」』"  # closing quotes and brackets after a sentence
 def ctc_align(log_probs, ids, blank_id):
     """The (start, end) frames, end exclusive, of each id on a best-scoring CTC path of
     log-softmax scores (T, V) (numpy or MLX) that collapses to exactly ids; None when none fits
-    (a token needs a frame, equal neighbours a blank between them). Viterbi over the labels
-    [_, a, _, b, _]: stay, advance, or skip the blank between two different labels."""
-    n = len(ids)
-    if n == 0 or log_probs.shape[0] < n + sum(a == b for a, b in zip(ids, ids[1:])):
+    (a token needs a frame, equal neighbours a blank between them). The path's frames are blank
+    but for one run [a_k, b_k) per token, so it is a Viterbi over tokens (not over the 2n + 1
+    blank-interleaved states), each step vectorised over frames with prefix sums and maxima."""
+    n, T = len(ids), log_probs.shape[0]
+    repeat = [a == b for a, b in zip(ids, ids[1:])] + [False]  # token k equals token k + 1
+    if n == 0 or T < n + sum(repeat):
         return [] if n == 0 else None
-    labels = np.full(2 * n + 1, blank_id)
-    labels[1::2] = ids
-    if isinstance(log_probs, mx.array):  # gather the 2n + 1 columns before leaving the device
-        log_probs = log_probs[:, mx.array(labels)].astype(mx.float32)
-        labels = np.arange(len(labels))
-    emit = np.maximum(np.asarray(log_probs)[:, labels].astype(np.float64), -1e30)  # not -inf
-    skip = np.full(len(labels), -np.inf)  # 0 where a label may follow the one two back
-    skip[3::2][np.asarray(ids[1:]) != np.asarray(ids[:-1])] = 0
-    scores = np.full((len(emit), len(labels) + 2), -np.inf)  # [t, s + 2]: the best path to s
-    scores[0, 2:4] = emit[0, :2]
-    for t in range(1, len(emit)):  # from s (stay), s - 1 (advance) or s - 2 (skip a blank)
-        before, now = scores[t - 1], scores[t, 2:]
-        np.maximum(before[2:], before[1:-1], out=now)
-        np.maximum(now, before[:-2] + skip, out=now)
-        now += emit[t]
-    state, path = len(labels) - 1 - int(scores[-1, -2] > scores[-1, -1]), np.empty(len(emit), int)
-    for t in range(len(emit) - 1, 0, -1):  # back along the best moves, the first best on ties
-        path[t], before = state, scores[t - 1]
-        came = (before[state + 2], before[state + 1], before[state] + skip[state])
-        state -= came.index(max(came))
-    path[0] = state
-    tokens = np.arange(1, len(labels), 2)  # the path never goes back: a token's frames are a run
-    starts, ends = np.searchsorted(path, tokens), np.searchsorted(path, tokens, "right")
-    return list(zip(starts.tolist(), ends.tolist()))
+    columns = [blank_id, *ids]
+    if isinstance(log_probs, mx.array):  # gather the n + 1 columns before leaving the device
+        log_probs, columns = log_probs[:, mx.array(columns)].astype(mx.float32), slice(None)
+    lp = np.maximum(np.asarray(log_probs)[:, columns].T.astype(np.float64), -1e6)  # not -inf
+    # A run [a, b) of token k scores gain[k, b] - gain[k, a] more than blanks on its frames
+    gain = np.zeros((n, T + 1))
+    np.cumsum(lp[1:] - lp[0], axis=1, out=gain[:, 1:])
+    ends = np.full((n, T + 1), -np.inf)  # [k, b]: best path with token k's run ending at b
+    starts = np.empty((n, T + 1))  # [k, a]: best path before token k begins at a, minus gain
+    ready = np.zeros(T + 1)  # [a]: best path with the tokens before k done by frame a
+    for k in range(n):
+        np.subtract(ready, gain[k], out=starts[k])
+        ends[k, 1:] = gain[k, 1:] + np.maximum.accumulate(starts[k])[:-1]
+        ready = np.maximum.accumulate(ends[k])
+        if repeat[k]:  # the next token is the same: a blank frame first
+            ready = np.concatenate([[-np.inf], ready[:-1]])
+    spans, b = [], int(np.argmax(ends[-1]))  # then blanks to the end
+    for k in range(n - 1, -1, -1):  # back: each run's start, then the run before's end
+        a = int(np.argmax(starts[k, :b]))
+        spans.append((a, b))
+        b = int(np.argmax(ends[k - 1, : a + 1 - repeat[k - 1]])) if k else 0
+    return spans[::-1]
 
 
 def group_words(pieces):
@@ -1152,15 +1142,17 @@ def word_times(model, tokenizer, bpe_logits, ids):
     if not ids:
         return []
     frame = model.args.encoder.bpe_pooling_window * SAMPLES_PER_FRAME / SAMPLE_RATE  # seconds
-    log_probs = bpe_logits.astype(mx.float32)
-    log_probs = log_probs - mx.logsumexp(log_probs, axis=-1, keepdims=True)
-    spans = ctc_align(log_probs, ids, model.args.blank_token_id)
+    column = {i: c for c, i in enumerate(dict.fromkeys([model.args.blank_token_id, *ids]))}
+    logits = bpe_logits.astype(mx.float32)
+    # the log-softmax of the blank's and the ids' columns only, (frames, columns): one transfer
+    log_probs = np.array(logits[:, mx.array(list(column))] - mx.logsumexp(logits, -1, True))
+    spans = ctc_align(log_probs, [column[i] for i in ids], 0)
     if spans is None:
         edges = np.linspace(0, len(bpe_logits), len(ids) + 1)
         spans, confidences = list(zip(edges[:-1], edges[1:])), [None] * len(ids)
     else:  # the mean posterior of each token on its frames of the path
-        posteriors = np.exp(np.array(log_probs[:, mx.array(ids)]))
-        confidences = [float(posteriors[s:e, i].mean()) for i, (s, e) in enumerate(spans)]
+        confidences = [float(np.exp(log_probs[s:e, column[i]]).mean())
+                       for i, (s, e) in zip(ids, spans)]  # fmt: skip
     pieces = [(tokenizer.token_bytes(i), round(s * frame, 3), round(e * frame, 3), c)
               for i, (s, e), c in zip(ids, spans, confidences)]  # fmt: skip
     return group_words([p for p in pieces if p[0]])  # special tokens have no bytes

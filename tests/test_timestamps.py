@@ -68,8 +68,8 @@ def assert_valid(spans, ids, n_frames):
 
 
 def segment_viterbi(log_probs, ids, blank):
-    """Best CTC score of ids, or None, by a different recursion than ctc_align's: over token
-    runs, with prefix sums and running maxima instead of the blank-interleaved state lattice.
+    """Best CTC score of ids, or None, over token runs with prefix sums and running maxima (as
+    ctc_align, written independently: blanks scored as such, loops instead of arrays).
 
     done[t]: best score of frames [0, t) whose frame t - 1 ends token k (t = 0 for k = 0).
     ready[s]: best score of frames [0, s) with k tokens out, where token k + 1 may begin at s.
@@ -105,6 +105,25 @@ def segment_viterbi(log_probs, ids, blank):
             best = max(best, ready[e] - c[e])
         done = new
     final = max(done[n_frames], after_blanks(done)[n_frames])
+    return None if final == neg else final
+
+
+def lattice_viterbi(log_probs, ids, blank):
+    """Best CTC score of ids, or None, by the textbook recursion over the blank-interleaved
+    states [_, a, _, b, _]: stay, advance, or skip the blank between two different labels."""
+    labels, neg = [blank], float("-inf")
+    for i in ids:
+        labels += [i, blank]
+    score = [log_probs[0][label] if s < 2 else neg for s, label in enumerate(labels)]
+    for row in log_probs[1:]:
+        came = []
+        for s, label in enumerate(labels):
+            best = max(score[s], score[s - 1] if s else neg)
+            if s >= 2 and label != blank and label != labels[s - 2]:
+                best = max(best, score[s - 2])
+            came.append(best + row[label])
+        score = came
+    final = max(score[-2:])
     return None if final == neg else final
 
 
@@ -256,9 +275,10 @@ def test_segment_viterbi_is_right():
         if tuple(ids) in by_sequence:
             rows = rows[by_sequence[tuple(ids)]]
             expected = float(log_probs[np.arange(n_frames), rows].sum(axis=1).max())
-        got = segment_viterbi(log_probs.tolist(), ids, blank)
-        assert (got is None) == (expected is None)
-        assert got is None or got == pytest.approx(expected, abs=1e-9)
+        for reference in (segment_viterbi, lattice_viterbi):
+            got = reference(log_probs.tolist(), ids, blank)
+            assert (got is None) == (expected is None)
+            assert got is None or got == pytest.approx(expected, abs=1e-9)
 
 
 def test_against_reference_viterbi():
@@ -274,6 +294,9 @@ def test_against_reference_viterbi():
         if case % 4 == 0:
             log_probs = log_probs.astype(np.float32)
         expected = segment_viterbi(log_probs.tolist(), ids, blank)
+        lattice = lattice_viterbi(log_probs.tolist(), ids, blank)
+        assert (lattice is None) == (expected is None)
+        assert lattice is None or lattice == pytest.approx(expected, abs=1e-6)
         spans = g.ctc_align(log_probs, ids, blank)
         if expected is None:
             infeasible += 1
