@@ -63,7 +63,8 @@ def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None, tim
     texts = [tokenizer.decode(ids) for ids in edited]
     wait("decode")
     if timed:
-        [g.word_times(model, tokenizer, x, ids) for x, ids in zip(bpe_logits, hypotheses)]
+        for logits, ids in zip(bpe_logits, hypotheses):
+            g.word_times(model, tokenizer, logits, ids)
         wait("word_timestamps")
     return texts
 
