@@ -670,7 +670,7 @@ def ctc_align(log_probs, ids, blank_id):
     ready = np.zeros(T + 1)  # [a]: best path with the tokens before k done by frame a
     for k in range(n):
         np.subtract(ready, gain[k], out=starts[k])
-        ends[k, 1:] = gain[k, 1:] + np.maximum.accumulate(starts[k])[:-1]
+        np.add(gain[k, 1:], np.maximum.accumulate(starts[k])[:-1], out=ends[k, 1:])
         ready = np.maximum.accumulate(ends[k])
         if repeat[k]:  # the next token is the same: a blank frame first
             ready = np.concatenate([[-np.inf], ready[:-1]])
