@@ -1230,6 +1230,8 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
                         yield i, start, pending, False
                         start += len(pending)
                     pending = window
+                if pending is None:  # a few samples that resampling left as none
+                    pending = np.zeros(0, np.float32)
                 yield i, start, pending, True
             except (OSError, ValueError) as e:
                 if errors is None:
@@ -1241,7 +1243,7 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         tic = time.perf_counter()
         waveforms = [w for _, _, w, _ in batch]
         texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps, word_timestamps)
-        share = (time.perf_counter() - tic) / sum(map(len, waveforms))
+        share = (time.perf_counter() - tic) / max(1, sum(map(len, waveforms)))
         for (i, start, w, last), text in zip(batch, texts):
             text, words = text if word_timestamps else (text, None)
             t0 = start / SAMPLE_RATE  # the window's words, in the input's time
@@ -1354,7 +1356,8 @@ def _records(model, tokenizer, inputs, args):
 def _record(name, windows, args):
     seconds, elapsed = sum(w.seconds for w in windows), sum(w.elapsed for w in windows)
     text = join_windows([w.text for w in windows])
-    values = name, text, round(seconds, 3), round(elapsed, 3), round(seconds / elapsed, 1)
+    speed = round(seconds / elapsed, 1) if elapsed else 0.0
+    values = name, text, round(seconds, 3), round(elapsed, 3), speed
     record = dict(zip(COLUMNS, values))
     if windows[0].words is not None:
         words = [word for w in windows for word in w.words]

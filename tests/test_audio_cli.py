@@ -201,6 +201,21 @@ def test_short_and_silent_audio_give_empty_text(loaded):
     assert g.transcribe(model, tokenizer, np.full(5 * SR, 5e-5, np.float32), chunk_seconds=2) == ""
 
 
+def test_audio_that_resamples_to_nothing(loaded, model_dir, tmp_path):
+    # One sample at 44.1 kHz is no sample at 16 kHz: an empty transcript, in the API and the CLI.
+    model, tokenizer = loaded
+    assert g.transcribe(model, tokenizer, np.full(1, 0.5, np.float32), sample_rate=44100) == ""
+    sf.write(tmp_path / "one.wav", np.full(1, 0.5, np.float32), 44100)
+    assert g.transcribe(model, tokenizer, tmp_path / "one.wav", word_timestamps=True) == {
+        "text": "",
+        "segments": [],
+    }
+    result = _run(tmp_path / "one.wav", "--model", model_dir, "--output-format", "json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["text"] == "" and record["audio_seconds"] == record["speed"] == 0
+
+
 # ---- long-form windows ----
 
 
