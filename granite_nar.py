@@ -945,7 +945,7 @@ def load(path, dtype=None, dequantize=None):
                                                       mode=q.get("mode", "affine"))  # fmt: skip
             mx.eval(weights[f"{name}.weight"])
         warnings.warn(
-            f"{path}: its {q['bits']}-bit editor is dequantized to {dtype} (MLX's "
+            f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's "
             "CPU quantized matmuls are slow; load(..., dequantize=False) keeps it)"
         )
     elif q:  # rebuild exactly the layers stored quantized
@@ -1224,14 +1224,13 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         durations = [duration(audio, sample_rate) for audio in audios]
         for i in sorted(range(len(audios)), key=durations.__getitem__):
             try:
-                start, pending = 0, None
+                # windows are never empty; the last is empty only when resampling left no sample
+                start, pending = 0, np.zeros(0, np.float32)
                 for window in split_windows(_audio_blocks(audios[i], sample_rate), chunk_seconds):
-                    if pending is not None:
+                    if len(pending):
                         yield i, start, pending, False
                         start += len(pending)
                     pending = window
-                if pending is None:  # a few samples that resampling left as none
-                    pending = np.zeros(0, np.float32)
                 yield i, start, pending, True
             except (OSError, ValueError) as e:
                 if errors is None:
@@ -1276,10 +1275,9 @@ def transcribe(model, tokenizer, audio, sample_rate=None, batch_size=BATCH_SIZE,
     chunk_seconds goes in windows cut at quiet points (split_windows), batch_size windows at a
     time (of one input or several). Under 0.1 s, or silent: ""."""
     audios = list(audio) if isinstance(audio, (list, tuple)) else [audio]
-    windows, options = [[] for _ in audios], (batch_size, chunk_seconds, editing_steps)
-    for w in transcribe_stream(
-        model, tokenizer, audios, sample_rate, *options, None, word_timestamps
-    ):
+    windows = [[] for _ in audios]
+    for w in transcribe_stream(model, tokenizer, audios, sample_rate, batch_size, chunk_seconds,
+                               editing_steps, word_timestamps=word_timestamps):  # fmt: skip
         windows[w.index].append(w)
     texts = [join_windows([w.text for w in ws]) for ws in windows]
     if word_timestamps:
@@ -1335,8 +1333,8 @@ def _records(model, tokenizer, inputs, args):
     names = [x.name if hasattr(x, "read") else str(x) for x in inputs]
     durations = [duration(x) for x in inputs]
     timed = args.word_timestamps or args.output_format in ("srt", "vtt")
-    options = (args.batch_size, args.chunk_seconds, args.editing_steps, errors, timed)
-    for w in transcribe_stream(model, tokenizer, inputs, None, *options):
+    for w in transcribe_stream(model, tokenizer, inputs, None, args.batch_size, args.chunk_seconds,
+                               args.editing_steps, errors, timed):  # fmt: skip
         windows[w.index].append(w)
         if not args.quiet and durations[w.index] > args.chunk_seconds:  # progress, long files
             done = f"{names[w.index]}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
@@ -1511,10 +1509,13 @@ def main():
 def _shard(inputs, size, rank):
     """The indices of the inputs one of `size` ranks transcribes: longest first, each to the
     least loaded rank by the headers' durations, the same on every rank."""
+    if size == 1:
+        return list(range(len(inputs)))
+    seconds = [duration(x) + 1e-3 for x in inputs]  # unreadable files (0 s) are shared out too
     loads, mine = [0.0] * size, []
-    for i in sorted(range(len(inputs)), key=lambda i: -duration(inputs[i])):
+    for i in sorted(range(len(inputs)), key=lambda i: -seconds[i]):
         r = loads.index(min(loads))
-        loads[r] += duration(inputs[i]) + 1e-3  # unreadable files (0 s) are shared out too
+        loads[r] += seconds[i]
         mine += [i] if r == rank else []
     return sorted(mine)
 
