@@ -661,19 +661,22 @@ def ctc_align(log_probs, ids, blank_id):
     columns = [blank_id, *ids]
     if isinstance(log_probs, mx.array):  # gather the n + 1 columns before leaving the device
         log_probs, columns = log_probs[:, mx.array(columns)].astype(mx.float32), slice(None)
-    lp = np.maximum(np.asarray(log_probs)[:, columns].T.astype(np.float64), -1e6)  # not -inf
+    lp = np.maximum(np.asarray(log_probs)[:, columns], -1e6)  # (T, n + 1), not -inf
     # A run [a, b) of token k scores gain[k, b] - gain[k, a] more than blanks on its frames
     gain = np.zeros((n, T + 1))
-    np.cumsum(lp[1:] - lp[0], axis=1, out=gain[:, 1:])
-    ends = np.full((n, T + 1), -np.inf)  # [k, b]: best path with token k's run ending at b
+    np.subtract(lp[:, 1:].T, lp[:, 0], out=gain[:, 1:], dtype=np.float64)
+    np.cumsum(gain[:, 1:], axis=1, out=gain[:, 1:])
+    ends = np.empty((n, T + 1))  # [k, b]: best path with token k's run ending at b
     starts = np.empty((n, T + 1))  # [k, a]: best path before token k begins at a, minus gain
     ready = np.zeros(T + 1)  # [a]: best path with the tokens before k done by frame a
-    for k in range(n):
+    best, ends[:, 0] = np.empty(T + 1), -np.inf  # no run ends at frame 0
+    for k in range(n):  # in place: each step a few calls over the frames, no new arrays
         np.subtract(ready, gain[k], out=starts[k])
-        np.add(gain[k, 1:], np.maximum.accumulate(starts[k])[:-1], out=ends[k, 1:])
-        ready = np.maximum.accumulate(ends[k])
+        np.maximum.accumulate(starts[k], out=best)
+        np.add(gain[k, 1:], best[:-1], out=ends[k, 1:])
+        np.maximum.accumulate(ends[k], out=ready)
         if repeat[k]:  # the next token is the same: a blank frame first
-            ready = np.concatenate([[-np.inf], ready[:-1]])
+            ready[1:], ready[0] = ready[:-1].copy(), -np.inf
     spans, b = [], int(np.argmax(ends[-1]))  # then blanks to the end
     for k in range(n - 1, -1, -1):  # back: each run's start, then the run before's end
         a = int(np.argmax(starts[k, :b]))
@@ -1146,15 +1149,20 @@ def word_times(model, tokenizer, bpe_logits, ids):
     logits = bpe_logits.astype(mx.float32)
     # the log-softmax of the blank's and the ids' columns only, (frames, columns): one transfer
     log_probs = np.array(logits[:, mx.array(list(column))] - mx.logsumexp(logits, -1, True))
-    spans = ctc_align(log_probs, [column[i] for i in ids], 0)
+    columns = [column[i] for i in ids]
+    spans = ctc_align(log_probs, columns, 0)
     if spans is None:
         edges = np.linspace(0, len(bpe_logits), len(ids) + 1)
-        spans, confidences = list(zip(edges[:-1], edges[1:])), [None] * len(ids)
-    else:  # the mean posterior of each token on its frames of the path
-        confidences = [float(np.exp(log_probs[s:e, column[i]]).mean())
-                       for i, (s, e) in zip(ids, spans)]  # fmt: skip
-    pieces = [(tokenizer.token_bytes(i), round(s * frame, 3), round(e * frame, 3), c)
-              for i, (s, e), c in zip(ids, spans, confidences)]  # fmt: skip
+        starts, ends, confidences = edges[:-1], edges[1:], [None] * len(ids)
+    else:  # the mean posterior of each token on its run, over all runs at once
+        starts, ends = np.array(spans).T
+        lengths = ends - starts
+        owner = np.repeat(np.arange(len(ids)), lengths)  # the token of each frame on a run
+        frames = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths - starts, lengths)
+        posteriors = np.exp(log_probs[frames, np.array(columns)[owner]])
+        confidences = (np.bincount(owner, posteriors, len(ids)) / lengths).tolist()
+    times = zip(np.round(starts * frame, 3).tolist(), np.round(ends * frame, 3).tolist())
+    pieces = [(tokenizer.token_bytes(i), s, e, c) for i, (s, e), c in zip(ids, times, confidences)]
     return group_words([p for p in pieces if p[0]])  # special tokens have no bytes
 
 
