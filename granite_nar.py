@@ -1107,8 +1107,8 @@ def shape_steps(model):
 
 
 def encode_waveforms(model, waveforms):
-    """16 kHz waveforms, as one padded batch -> their hypotheses, their BPE CTC logits (a
-    (frames, vocab) array each), audio embeddings (B, A, llm_dim) and each one's rows (B,)."""
+    """16 kHz waveforms, as one padded batch -> their hypotheses, BPE CTC logits (B, F, vocab)
+    and each one's real frames of them, audio embeddings (B, A, llm_dim) and each one's rows."""
     args, frame_step = model.args, shape_steps(model)[0]
     features, lengths = log_mel(waveforms)
     T = -(-features.shape[1] // frame_step) * frame_step
@@ -1120,9 +1120,8 @@ def encode_waveforms(model, waveforms):
     frames = [-(-n // W) for n in lengths]  # each one's real BPE frames
     best = np.array(mx.argmax(bpe_logits, axis=-1))  # (B, frames): waits for the encoder
     hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(best, frames)]
-    bpe_logits = [row[:n] for row, n in zip(bpe_logits, frames)]
     audio_lengths = mx.array([n // args.projector.downsample_rate for n in lengths])
-    return hypotheses, bpe_logits, audio_embeds, audio_lengths
+    return hypotheses, bpe_logits, frames, audio_embeds, audio_lengths
 
 
 def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses):
@@ -1138,32 +1137,41 @@ def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses):
     return edited
 
 
-def word_times(model, tokenizer, bpe_logits, ids):
-    """A window's BPE CTC logits (frames, vocab) and final ids -> its words, timed (seconds from
-    the window's start) by aligning the ids to the logits; spread evenly, with confidence None,
-    when no path fits."""
-    if not ids:
-        return []
-    frame = model.args.encoder.bpe_pooling_window * SAMPLES_PER_FRAME / SAMPLE_RATE  # seconds
-    column = {i: c for c, i in enumerate(dict.fromkeys([model.args.blank_token_id, *ids]))}
+def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
+    """A batch's BPE CTC logits (B, F, vocab), each window's real frames and final ids -> each
+    window's words, timed (seconds from its start) by aligning its ids to its frames; spread
+    evenly, with confidence None, when no path fits."""
+    blank = model.args.blank_token_id
+    seconds = model.args.encoder.bpe_pooling_window * SAMPLES_PER_FRAME / SAMPLE_RATE  # a frame
+    columns = [list(dict.fromkeys([blank, *ids])) for ids in hypotheses]  # the blank, each id once
+    index = np.full((len(columns), max(map(len, columns))), blank, np.int32)
+    for row, c in zip(index, columns):
+        row[: len(c)] = c
     logits = bpe_logits.astype(mx.float32)
-    # the log-softmax of the blank's and the ids' columns only, (frames, columns): one transfer
-    log_probs = np.array(logits[:, mx.array(list(column))] - mx.logsumexp(logits, -1, True))
-    columns = [column[i] for i in ids]
-    spans = ctc_align(log_probs, columns, 0)
-    if spans is None:
-        edges = np.linspace(0, len(bpe_logits), len(ids) + 1)
-        starts, ends, confidences = edges[:-1], edges[1:], [None] * len(ids)
-    else:  # the mean posterior of each token on its run, over all runs at once
-        starts, ends = np.array(spans).T
-        lengths = ends - starts
-        owner = np.repeat(np.arange(len(ids)), lengths)  # the token of each frame on a run
-        frames = np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths - starts, lengths)
-        posteriors = np.exp(log_probs[frames, np.array(columns)[owner]])
-        confidences = (np.bincount(owner, posteriors, len(ids)) / lengths).tolist()
-    times = zip(np.round(starts * frame, 3).tolist(), np.round(ends * frame, 3).tolist())
-    pieces = [(tokenizer.token_bytes(i), s, e, c) for i, (s, e), c in zip(ids, times, confidences)]
-    return group_words([p for p in pieces if p[0]])  # special tokens have no bytes
+    # the log-softmax of those columns only, (B, F, columns): one transfer for the batch
+    gathered = mx.take_along_axis(logits, mx.array(index)[:, None], axis=2)
+    batch_log_probs = np.array(gathered - mx.logsumexp(logits, axis=-1, keepdims=True))
+    words = []
+    for log_probs, n, c, ids in zip(batch_log_probs, frames, columns, hypotheses):
+        column = {i: k for k, i in enumerate(c)}
+        spans = ctc_align(log_probs[:n], [column[i] for i in ids], 0) if ids else []
+        if spans is None:
+            edges = np.linspace(0, n, len(ids) + 1)
+            starts, ends, confidences = edges[:-1], edges[1:], [None] * len(ids)
+        else:  # the mean posterior of each token on its run, over all runs at once
+            starts, ends = np.array(spans, dtype=int).reshape(-1, 2).T
+            lengths = ends - starts
+            owner = np.repeat(np.arange(len(ids)), lengths)  # the token of each frame on a run
+            first = np.cumsum(lengths) - lengths  # each run's place among the run frames
+            on_runs = np.arange(len(owner)) - np.repeat(first - starts, lengths)  # their frames
+            token_columns = np.array([column[i] for i in ids], dtype=int)[owner]
+            posteriors = np.exp(log_probs[on_runs, token_columns])
+            confidences = (np.bincount(owner, posteriors, len(ids)) / lengths).tolist()
+        times = zip((starts * seconds).round(3).tolist(), (ends * seconds).round(3).tolist())
+        pieces = [(tokenizer.token_bytes(i), s, e, c)
+                  for i, (s, e), c in zip(ids, times, confidences)]  # fmt: skip
+        words.append(group_words([p for p in pieces if p[0]]))  # special tokens have no bytes
+    return words
 
 
 def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False):
@@ -1175,18 +1183,20 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_time
     live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
     texts = [("", []) if word_timestamps else ""] * len(waveforms)
     if live:
-        hypotheses, bpe_logits, audio_embeds, audio_lengths = encode_waveforms(
+        hypotheses, bpe_logits, frames, audio_embeds, audio_lengths = encode_waveforms(
             model, [waveforms[i] for i in live]
         )
         if not word_timestamps:  # a large batch's BPE logits take GBs: not through the editor
-            bpe_logits = [None] * len(live)
+            bpe_logits = None
         for _ in range(editing_steps):
             hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
-        for i, logits, ids in zip(live, bpe_logits, hypotheses):
-            text = tokenizer.decode(ids)
-            texts[i] = (
-                (text, word_times(model, tokenizer, logits, ids)) if word_timestamps else text
+        decoded = [tokenizer.decode(ids) for ids in hypotheses]
+        if word_timestamps:
+            decoded = list(
+                zip(decoded, word_times(model, tokenizer, bpe_logits, frames, hypotheses))
             )
+        for i, text in zip(live, decoded):
+            texts[i] = text
     return texts
 
 

@@ -17,8 +17,8 @@ Throughput (--clips N): N clips of LibriSpeech-like lengths (2-35 s, mean ~7 s),
 --batch-sizes at a time, with fixed hypotheses; the speed of a second pass over all clips (the
 first also traces each new shape), and the peak memory.
 
---word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypothesis on each
-clip's BPE CTC logits): a `word_timestamps` stage in stages_ms, and throughput rows with them.
+--word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypotheses on the
+batch's BPE CTC logits): a `word_timestamps` stage in stages_ms, and throughput rows with them.
 """
 
 import argparse
@@ -56,15 +56,14 @@ def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None, tim
     """g.transcribe_waveforms over one batch, with the encoder's hypotheses replaced by
     `hypotheses`; wait(stage, *arrays) is called after each stage. timed: word timestamps too,
     aligning the hypotheses (random weights make the edited ids arbitrary)."""
-    _, bpe_logits, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)
+    _, bpe_logits, frames, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)
     wait("encode", audio_embeds)
     edited = g.edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
     wait("edit")
     texts = [tokenizer.decode(ids) for ids in edited]
     wait("decode")
     if timed:
-        for logits, ids in zip(bpe_logits, hypotheses):
-            g.word_times(model, tokenizer, logits, ids)
+        g.word_times(model, tokenizer, bpe_logits, frames, hypotheses)
         wait("word_timestamps")
     return texts
 
