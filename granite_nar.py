@@ -243,33 +243,31 @@ class ConformerAttention(nn.Module):
         self.to_kv = nn.Linear(args.hidden_dim, 2 * inner, bias=False)  # rows: K, then V
         self.to_out = nn.Linear(inner, args.hidden_dim)
         self.rel_pos_emb = nn.Embedding(2 * args.max_pos_emb + 1, args.dim_head)
-        # Query c and key r of a block are c - r apart, clipped to the table: the distances
-        # -D..D that occur, and each (c, r)'s index among them
-        self.max_distance = D = min(args.max_pos_emb, C - 1)
-        self._distance = mx.array(np.clip(np.subtract.outer(np.arange(C), np.arange(C)), -D, D) + D)
+        # The table rows of the distances C - 1 down to 1 - C, clipped to the table
+        P = args.max_pos_emb
+        self._distances = mx.array(np.clip(np.arange(C - 1, -C, -1), -P, P) + P)
 
     def __call__(self, x, mask=None):  # (B, T, D), mask (B, T) True on real frames -> (B, T, D)
         B, T, _ = x.shape
-        C, H, D = self.context_size, self.num_heads, self.max_distance
+        C, H, W = self.context_size, self.num_heads, 2 * self.context_size - 1
         n = -(-T // C)  # blocks; upstream pads the last with zero rows after the norm
         h = self.pre_norm(x)
-        q = pad_rows(self.to_q(h), n * C).reshape(B, n, C, H, -1)
-        k, v = mx.split(pad_rows(self.to_kv(h), n * C).reshape(B, n, C, 2, H, -1), 2, axis=3)
-        k, v = k.squeeze(3), v.squeeze(3)  # (B, n, C, H, d), as q
+        blocks = lambda a: a.reshape(B, n, C, H, -1).transpose(0, 1, 3, 2, 4)  # (B, n, H, C, d)
+        q = blocks(pad_rows(self.to_q(h), n * C))
+        k, v = (blocks(a) for a in mx.split(pad_rows(self.to_kv(h), n * C), 2, axis=-1))
 
-        # Shaw term: scores[c, r] += scale * q_c . rel_pos_emb[c - r], as one matmul of q against
-        # every distance, then a gather of each (c, r)'s distance
-        M = self.rel_pos_emb.weight.shape[0] // 2
-        distances = self.rel_pos_emb.weight[M - D : M + D + 1]  # (2D + 1, d)
-        by_distance = (q @ distances.T).transpose(0, 1, 3, 2, 4)  # (B, n, H, C, 2D + 1)
-        index = self._distance[None, None, None]
-        bias = mx.take_along_axis(by_distance, index, axis=-1) * self.scale  # (B, n, H, C, C)
+        # Shaw term: scores[c, r] += scale * q_c . rel_pos_emb[c - r]. One matmul of q against
+        # every distance puts it at [c, C - 1 - c + r]; a strided view that starts each row one
+        # element further left lines the keys up (a gather would cost several times more)
+        shaw = q @ self.rel_pos_emb.weight[self._distances].T  # (B, n, H, C, 2C - 1)
+        strides = (n * H * C * W, H * C * W, C * W, W - 1, 1)
+        bias = mx.as_strided(shaw, (B, n, H, C, C), strides, C - 1) * self.scale
         if mask is not None or n * C > T:  # padded frames: -max instead of the position term
             real = mx.arange(n * C)[None] < T if mask is None else pad_rows(mask, n * C)
             real = real.reshape(-1, n, 1, C)
             bias = mx.where(real[..., :, None] & real[..., None, :], bias, mx.finfo(bias.dtype).min)
 
-        q, k, v = (a.transpose(0, 1, 3, 2, 4).reshape(B * n, H, C, -1) for a in (q, k, v))
+        q, k, v = (a.reshape(B * n, H, C, -1) for a in (q, k, v))
         mask = bias.reshape(B * n, H, C, C)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.reshape(B, n, H, C, -1).transpose(0, 1, 3, 2, 4).reshape(B, n * C, -1)

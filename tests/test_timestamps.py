@@ -558,7 +558,10 @@ def test_stream_words_per_window(loaded, multi_window):
             assert x["start"] == pytest.approx(min(y["start"], w.seconds) + w.start, abs=1e-9)
             assert x["end"] == pytest.approx(min(y["end"], w.seconds) + w.start, abs=1e-9)
             assert (x["confidence"] is None) == (y["confidence"] is None)
-            assert x["confidence"] is None or x["confidence"] == pytest.approx(y["confidence"])
+            # float32 logits of a window alone and in a batch differ by rounding (~1e-5)
+            assert x["confidence"] is None or x["confidence"] == pytest.approx(
+                y["confidence"], abs=1e-5
+            )
             assert x["confidence"] is None or 0 <= x["confidence"] <= 1
     plain = g.transcribe_stream(model, tokenizer, [multi_window], chunk_seconds=4)
     assert [w.words for w in plain] == [None] * len(windows)
