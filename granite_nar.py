@@ -28,6 +28,7 @@ import sys
 import time
 import unicodedata
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -174,9 +175,10 @@ _HANN = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)  # pe
 WINDOW = mx.array(np.pad(_HANN, (N_FFT - WIN_LENGTH) // 2).astype(np.float32))  # centered
 
 
-def log_mel(waveforms):
-    """A list of B 16 kHz waveforms (n_b,) -> features (B, max T_b, 160), zero past each
-    T_b = n_b // 320, and the T_b. Frames 2t and 2t + 1 of the log-mel are stacked as frame t."""
+def stft_input(waveforms):
+    """The featurizer's host work, apart so that it can run while the device is busy: a list of B
+    16 kHz waveforms (n_b,) -> the batch the STFT reads (B, max n_b + N_FFT), on the device, and
+    each one's encoder frames T_b = n_b // 320."""
     waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
     for w in waveforms:
         if w.ndim != 1:
@@ -187,8 +189,14 @@ def log_mel(waveforms):
     x = np.zeros((len(waveforms), max(map(len, waveforms)) + 2 * pad), np.float32)
     for row, w in zip(x, waveforms):
         row[: len(w) + 2 * pad] = np.pad(w, pad, mode="reflect")
-    lengths = [len(w) // SAMPLES_PER_FRAME for w in waveforms]
-    return _log_mel(mx.array(x), mx.array(lengths)), lengths
+    return mx.array(x), [len(w) // SAMPLES_PER_FRAME for w in waveforms]
+
+
+def log_mel(waveforms):
+    """A list of B 16 kHz waveforms (n_b,) -> features (B, max T_b, 160), zero past each
+    T_b = n_b // 320, and the T_b. Frames 2t and 2t + 1 of the log-mel are stacked as frame t."""
+    x, lengths = stft_input(waveforms)
+    return _log_mel(x, mx.array(lengths)), lengths
 
 
 @mx.compile  # its elementwise steps fused into few kernels; a trace per input shape (a few ops)
@@ -1061,7 +1069,8 @@ MIN_SECONDS = 0.1  # shorter audio (or window) transcribes to ""
 SILENCE_PEAK = 1e-4  # -80 dBFS, ~3 LSB of 16-bit audio: a quieter window is silence, ""
 CHUNK_SECONDS = 30.0  # windows of about this length: one pass over minutes degrades badly
 CUT_SEARCH_SECONDS = 5.0  # each cut goes to the quietest 20 ms this near the nominal end
-BATCH_SIZE = 8  # windows transcribed together
+BATCH_SIZE = 8  # windows transcribed together, at most
+BATCH_SECONDS = 600  # audio in a batch, at most, counted padded to its longest window
 
 
 def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
@@ -1104,11 +1113,12 @@ def shape_steps(model):
     return (model.args.encoder.context_size, 16) if mx.default_device() == mx.gpu else (1, 1)
 
 
-def encode_waveforms(model, waveforms):
-    """16 kHz waveforms, as one padded batch -> their hypotheses, BPE CTC logits (B, F, vocab)
-    and each one's real frames of them, audio embeddings (B, A, llm_dim) and each one's rows."""
+def encode_waveforms(model, stft):
+    """A batch's stft_input -> its hypotheses, BPE CTC logits (B, F, vocab) and each one's real
+    frames of them, audio embeddings (B, A, llm_dim) and each one's rows of them."""
     args, frame_step = model.args, shape_steps(model)[0]
-    features, lengths = log_mel(waveforms)
+    x, lengths = stft
+    features = _log_mel(x, mx.array(lengths))
     T = -(-features.shape[1] // frame_step) * frame_step
     mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
     bpe_logits, audio_embeds = model.compiled_encode(
@@ -1172,18 +1182,25 @@ def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
     return words
 
 
-def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False):
+def prepare(waveforms):
+    """A batch's host work (see transcribe_waveforms), apart so that it can run while the device
+    is busy: the indices of its waveforms neither short nor silent, and their stft_input."""
+    live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
+    live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
+    return live, stft_input([waveforms[i] for i in live]) if live else None
+
+
+def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False,
+                         prepared=None):  # fmt: skip
     """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone (with
     word_timestamps, (text, words) pairs: word_times). The first editor pass reads the encoder's
     hypothesis, each further one the last pass's output, over the same audio embeddings
-    (upstream generate(num_editing_steps)). Short or silent audio: ""."""
-    live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
-    live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
+    (upstream generate(num_editing_steps)). Short or silent audio: "". prepared: prepare's
+    result for these waveforms, when made beforehand."""
+    live, stft = prepared or prepare(waveforms)
     texts = [("", []) if word_timestamps else ""] * len(waveforms)
     if live:
-        hypotheses, bpe_logits, frames, audio_embeds, audio_lengths = encode_waveforms(
-            model, [waveforms[i] for i in live]
-        )
+        hypotheses, bpe_logits, frames, audio_embeds, audio_lengths = encode_waveforms(model, stft)
         if not word_timestamps:  # a large batch's BPE logits take GBs: not through the editor
             bpe_logits = None
         for _ in range(editing_steps):
@@ -1224,17 +1241,20 @@ def duration(audio, sample_rate=None):
 
 def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BATCH_SIZE,
                       chunk_seconds=CHUNK_SECONDS, editing_steps=1, errors=None,
-                      word_timestamps=False):  # fmt: skip
-    """Transcribe every window of every input (see transcribe), batch_size windows at a time, the
-    inputs shortest first (a batch of like lengths pads less), reading as it goes. Yields a Window
-    as its batch finishes; an input's windows come in order. A reading error raises, or with an
-    `errors` dict is stored there by input index."""
+                      word_timestamps=False, batch_seconds=BATCH_SECONDS):  # fmt: skip
+    """Transcribe every window of every input (see transcribe), the inputs shortest first (a batch
+    of like lengths pads less), in batches of at most batch_size windows and batch_seconds of
+    audio counted padded (a longer window goes alone), reading as it goes: the next batch is read
+    and prepared while this one runs. Yields a Window as its batch finishes; an input's windows
+    come in order. A reading error raises, or with an `errors` dict is stored there by index."""
     for name, value in (("batch_size", batch_size), ("editing_steps", editing_steps)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
     if not 1 <= chunk_seconds <= max_chunk_seconds(model.args):
         raise ValueError(f"chunk_seconds must be between 1 and {max_chunk_seconds(model.args)} "
                          f"(the editor's positions), got {chunk_seconds}")  # fmt: skip
+    if not 0 < batch_seconds <= math.inf:
+        raise ValueError(f"batch_seconds must be positive, got {batch_seconds}")
 
     def windows():  # (input, start sample, window, last) in order of duration
         durations = [duration(audio, sample_rate) for audio in audios]
@@ -1253,17 +1273,34 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
                     raise
                 errors[i] = e
 
-    stream = windows()
-    while batch := list(itertools.islice(stream, batch_size)):
-        tic = time.perf_counter()
-        waveforms = [w for _, _, w, _ in batch]
-        texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps, word_timestamps)
-        share = (time.perf_counter() - tic) / max(1, sum(map(len, waveforms)))
-        for (i, start, w, last), text in zip(batch, texts):
-            text, words = text if word_timestamps else (text, None)
-            t0 = start / SAMPLE_RATE  # the window's words, in the input's time
-            words = words and _shift(words, t0, len(w) / SAMPLE_RATE)
-            yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), words)
+    def batches():  # (windows, prepare(their waveforms))
+        batch = []
+        for window in windows():
+            longest = max(len(w) for _, _, w, _ in [*batch, window])
+            if batch and (len(batch) == batch_size or (len(batch) + 1) * longest > budget):
+                yield batch, prepare([w for _, _, w, _ in batch])
+                batch = []
+            batch.append(window)
+        if batch:
+            yield batch, prepare([w for _, _, w, _ in batch])
+
+    budget = batch_seconds * SAMPLE_RATE
+    with ThreadPoolExecutor(1) as reader:  # reads and prepares the next batch during this one
+        stream, tic = batches(), time.perf_counter()
+        pending = reader.submit(next, stream, None)
+        while item := pending.result():
+            pending = reader.submit(next, stream, None)
+            batch, prepared = item
+            waveforms = [w for _, _, w, _ in batch]
+            texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps,
+                                         word_timestamps, prepared)  # fmt: skip
+            share = (time.perf_counter() - tic) / max(1, sum(map(len, waveforms)))
+            tic = time.perf_counter()
+            for (i, start, w, last), text in zip(batch, texts):
+                text, words = text if word_timestamps else (text, None)
+                t0 = start / SAMPLE_RATE  # the window's words, in the input's time
+                words = words and _shift(words, t0, len(w) / SAMPLE_RATE)
+                yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), words)
 
 
 def _shift(words, start, seconds):
@@ -1284,16 +1321,18 @@ def join_windows(texts):
 
 
 def transcribe(model, tokenizer, audio, sample_rate=None, batch_size=BATCH_SIZE,
-               chunk_seconds=CHUNK_SECONDS, editing_steps=1, word_timestamps=False):  # fmt: skip
+               chunk_seconds=CHUNK_SECONDS, editing_steps=1, word_timestamps=False,
+               batch_seconds=BATCH_SECONDS):  # fmt: skip
     """audio: a file (path or file object), or a waveform (n_samples,) or (n_samples, channels)
     at sample_rate Hz (default 16000) -> its transcript; a list of those -> their transcripts.
     With word_timestamps, {"text", "segments": split_segments(words)} instead. Audio over
-    chunk_seconds goes in windows cut at quiet points (split_windows), batch_size windows at a
-    time (of one input or several). Under 0.1 s, or silent: ""."""
+    chunk_seconds goes in windows cut at quiet points (split_windows), batch_size windows and
+    batch_seconds of padded audio at a time (of one input or several). Under 0.1 s, or silent:
+    ""."""
     audios = list(audio) if isinstance(audio, (list, tuple)) else [audio]
     windows = [[] for _ in audios]
     for w in transcribe_stream(model, tokenizer, audios, sample_rate, batch_size, chunk_seconds,
-                               editing_steps, word_timestamps=word_timestamps):  # fmt: skip
+                               editing_steps, None, word_timestamps, batch_seconds):  # fmt: skip
         windows[w.index].append(w)
     texts = [join_windows([w.text for w in ws]) for ws in windows]
     if word_timestamps:
@@ -1350,7 +1389,7 @@ def _records(model, tokenizer, inputs, args):
     durations = [duration(x) for x in inputs]
     timed = args.word_timestamps or args.output_format in ("srt", "vtt")
     for w in transcribe_stream(model, tokenizer, inputs, None, args.batch_size, args.chunk_seconds,
-                               args.editing_steps, errors, timed):  # fmt: skip
+                               args.editing_steps, errors, timed, args.batch_seconds):  # fmt: skip
         windows[w.index].append(w)
         if not args.quiet and durations[w.index] > args.chunk_seconds:  # progress, long files
             done = f"{names[w.index]}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
@@ -1424,7 +1463,9 @@ def _parse_args():
         help="windows of about S s for long audio (default: 30)")  # fmt: skip
     add("--editing-steps", type=int, default=1, metavar="N", help="editor passes (default: 1)")
     add("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
-        help=f"windows transcribed together (default: {BATCH_SIZE})")  # fmt: skip
+        help=f"windows transcribed together, at most (default: {BATCH_SIZE})")  # fmt: skip
+    add("--batch-seconds", type=float, default=BATCH_SECONDS, metavar="S",
+        help=f"audio in a batch, counted padded, at most (default: {BATCH_SECONDS})")  # fmt: skip
     add("--output-format", choices=SUFFIXES, default="text",
         help=f"text, json (a line each: {', '.join(COLUMNS)}), tsv, srt or vtt")  # fmt: skip
     add("--output-dir", type=Path, metavar="DIR", help="also write DIR/<input path>.txt, ...")
@@ -1443,6 +1484,8 @@ def _parse_args():
         parser.error(f"--editing-steps must be at least 1, got {args.editing_steps}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 < args.batch_seconds <= math.inf:
+        parser.error(f"--batch-seconds must be positive, got {args.batch_seconds}")
     if args.max_line_width < 1 or args.max_line_count < 1:
         parser.error("--max-line-width and --max-line-count must be at least 1")
     if args.verbose and args.quiet:

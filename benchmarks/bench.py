@@ -13,9 +13,10 @@ waits after every stage. --peer then runs mlx-audio (pip install mlx-audio; not 
 this project) on the same weights in its layout, cast to the same dtype, with the same hypothesis,
 once granite_nar's weights are freed (two float32 copies do not fit a 24 GB machine).
 
-Throughput (--clips N): N clips of LibriSpeech-like lengths (2-35 s, mean ~7 s), shortest first,
---batch-sizes at a time, with fixed hypotheses; the speed of a second pass over all clips (the
-first also traces each new shape), and the peak memory.
+Throughput (--clips N): g.transcribe_stream over N clips of LibriSpeech-like lengths (2-35 s,
+mean ~7 s, each one window), batches of at most --batch-sizes clips and --batch-seconds of
+padded audio, with fixed hypotheses; the speed of a second pass over all clips (the first also
+traces each new shape), the peak memory, and a third pass that waits after each stage.
 
 --word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypotheses on the
 batch's BPE CTC logits): a `word_timestamps` stage in stages_ms, and throughput rows with them.
@@ -56,7 +57,8 @@ def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None, tim
     """g.transcribe_waveforms over one batch, with the encoder's hypotheses replaced by
     `hypotheses`; wait(stage, *arrays) is called after each stage. timed: word timestamps too,
     aligning the hypotheses (random weights make the edited ids arbitrary)."""
-    _, bpe_logits, frames, audio_embeds, audio_lengths = g.encode_waveforms(model, waveforms)
+    stft = g.stft_input(waveforms)
+    _, bpe_logits, frames, audio_embeds, audio_lengths = g.encode_waveforms(model, stft)
     wait("encode", audio_embeds)
     edited = g.edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
     wait("edit")
@@ -136,41 +138,80 @@ def librispeech_like_lengths(n, seed=0):
     return np.clip(rng.lognormal(np.log(5.5), 0.65, n), 2.0, 35.0).round(2)
 
 
+STAGES = {"stft_input": "prepare", "encode_waveforms": "encode", "edit_hypotheses": "edit",
+          "word_times": "word_timestamps"}  # fmt: skip
+
+
+class FixedEditor:
+    """Within it, g.edit_hypotheses edits fixed hypotheses of round(2.8 x seconds) tokens instead
+    of the encoder's (arbitrary with random weights) and returns them. With `times`, each stage
+    of g.transcribe_waveforms (STAGES) also waits for the device and adds its seconds there."""
+
+    def __init__(self, times=None):
+        self.times, self.functions = times, {name: getattr(g, name) for name in STAGES}
+
+    def __enter__(self):
+        for name in STAGES if self.times is not None else ["edit_hypotheses"]:
+            setattr(g, name, self.wrap(name))
+
+    def __exit__(self, *exc):
+        for name, function in self.functions.items():
+            setattr(g, name, function)
+
+    def wrap(self, name):
+        def run(*args):
+            tic = time.perf_counter()
+            if name == "edit_hypotheses":  # an encoder row is 0.1 s of audio
+                audio_lengths = args[2].tolist()
+                args = (*args[:3], [fixed_hypothesis(n / 10) for n in audio_lengths])
+            result = self.functions[name](*args)
+            if self.times is not None:
+                mx.eval([x for x in result if isinstance(x, mx.array)])
+                stage = STAGES[name]
+                self.times[stage] = self.times.get(stage, 0) + time.perf_counter() - tic
+            return args[-1] if name == "edit_hypotheses" else result
+
+        return run
+
+
 def throughput(model, tokenizer, args, common):
+    """g.transcribe_stream over the clips as arrays, with fixed hypotheses (FixedEditor)."""
     lengths = librispeech_like_lengths(args.clips)
     waveforms = [synthetic_audio(seconds, seed=i) for i, seconds in enumerate(lengths)]
-    order = np.argsort(lengths, kind="stable")  # shortest first, as transcribe_stream takes them
     seconds = float(lengths.sum())
     cases = [(b, False) for b in args.batch_sizes]
     cases += [(b, True) for b in args.batch_sizes if args.word_timestamps]
     for batch_size, timed in cases:
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        options = dict(batch_size=batch_size, chunk_seconds=max(lengths) + 1,
+                       word_timestamps=timed, batch_seconds=args.batch_seconds)  # fmt: skip
         walls = []
         for _ in range(2):  # the first pass also traces each new shape
             mx.reset_peak_memory()
             tic = time.perf_counter()
-            for batch in batches:
-                hypotheses = [fixed_hypothesis(lengths[i]) for i in batch]
-                ours(model, tokenizer, [waveforms[i] for i in batch], hypotheses, timed=timed)
+            with FixedEditor():
+                list(g.transcribe_stream(model, tokenizer, waveforms, **options))
             walls.append(time.perf_counter() - tic)
-        stages = {}  # a third pass, waiting after each stage: where the time goes
-        for batch in batches:
-            hypotheses = [fixed_hypothesis(lengths[i]) for i in batch]
-            clips = [waveforms[i] for i in batch]
-            for stage, ms in stages_ms(model, tokenizer, clips, hypotheses, timed, 1).items():
-                stages[stage] = stages.get(stage, 0) + ms
+        peak = mx.get_peak_memory() / 1e9
+        times = {}  # a third pass, waiting after each stage: where the time goes
+        tic = time.perf_counter()
+        with FixedEditor(times):
+            list(g.transcribe_stream(model, tokenizer, waveforms, **options))
+        # the rest: decoding, batching, and waiting for the reader thread, which prepares the
+        # next batch (reading, padding, copying to the device) during this one
+        times["rest"] = time.perf_counter() - tic - sum(times.values()) + times["prepare"]
         row = {
             "impl": "granite_nar",
             **common,
             "word_timestamps": timed,
             "batch_size": batch_size,
+            "batch_seconds": args.batch_seconds,
             "clips": args.clips,
             "seconds_audio": round(seconds, 1),
             "wall_s": round(walls[1], 3),
             "speed": round(seconds / walls[1], 1),
             "first_pass_speed": round(seconds / walls[0], 1),
-            "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3),
-            "stages_ms": {stage: round(ms, 1) for stage, ms in stages.items()},
+            "peak_mem_gb": round(peak, 3),
+            "stages_ms": {stage: round(1000 * t, 1) for stage, t in times.items()},
         }
         print(json.dumps(row), flush=True)
 
@@ -190,6 +231,8 @@ def main():
     add("--peer", action="store_true", help="also time mlx-audio on the same weights")
     add("--clips", type=int, help="time throughput instead, over this many LibriSpeech-like clips")
     add("--batch-sizes", type=int, nargs="+", default=[32, 128], help="throughput: batch sizes")
+    add("--batch-seconds", type=float, default=g.BATCH_SECONDS,
+        help="throughput: audio in a batch, counted padded, at most")  # fmt: skip
     add("--word-timestamps", action="store_true", help="also time word timestamps (ctc_align)")
     args = parser.parse_args()
 

@@ -286,6 +286,34 @@ def test_long_audio_is_transcribed_window_by_window(loaded):
     )  # shorter: one window
 
 
+def test_batches_keep_to_batch_size_and_batch_seconds(loaded, monkeypatch):
+    model, tokenizer = loaded
+    speech = g.load_audio(AUDIO)  # 3.4 s
+    audios = [speech[: len(speech) * k // 6] for k in (6, 1, 3, 5, 2, 4)] + [np.tile(speech, 3)]
+    alone = [g.transcribe(model, tokenizer, x, batch_size=1) for x in audios]
+    batches, transcribe_waveforms = [], g.transcribe_waveforms
+    monkeypatch.setattr(
+        g,
+        "transcribe_waveforms",
+        lambda m, t, waveforms, *rest: (
+            batches.append(list(map(len, waveforms)))
+            or transcribe_waveforms(m, t, waveforms, *rest)
+        ),
+    )
+    for batch_size, batch_seconds in ((3, 1e9), (8, 6.0), (2, 4.0)):
+        batches.clear()
+        texts = g.transcribe(model, tokenizer, audios, batch_size=batch_size,
+                             batch_seconds=batch_seconds)  # fmt: skip
+        assert texts == alone
+        assert sorted(n for b in batches for n in b) == sorted(map(len, audios))
+        for b in batches:  # within both bounds; a window over batch_seconds goes alone
+            assert len(b) <= batch_size
+            assert len(b) * max(b) <= batch_seconds * SR or len(b) == 1
+        assert any(len(b) > 1 for b in batches)
+    with pytest.raises(ValueError, match="batch_seconds must be positive"):
+        g.transcribe(model, tokenizer, speech, batch_seconds=0)
+
+
 # ---- iterative editing ----
 
 

@@ -89,7 +89,8 @@ def _noise(path, seconds, seed=0):
 def test_bad_options_are_one_line_each(model_dir):
     messages = {}
     for option in ("--chunk-seconds inf", "--chunk-seconds nan", "--batch-size 0",
-                   "--editing-steps 0", "--verbose --quiet"):  # fmt: skip
+                   "--batch-seconds 0", "--batch-seconds nan", "--editing-steps 0",
+                   "--verbose --quiet"):  # fmt: skip
         messages[option] = _usage_error(_cli(AUDIO, "--model", model_dir, *option.split()))
         assert option.split()[0] in messages[option], messages[option]
         if option == "--verbose --quiet":
