@@ -520,7 +520,7 @@ class Compiled:
     dispatch, elementwise chains fused. It keeps at most MAX_TRACES shapes' traces (mx.compile
     keeps all, and window after window of long audio brings new ones)."""
 
-    MAX_TRACES = 8
+    MAX_TRACES = 32  # a pass over many clip lengths in batches of varied size comes to ~20
 
     def __init__(self, fun):
         self.fun, self.shapes, self.compiled = fun, set(), mx.compile(fun)
@@ -661,8 +661,9 @@ def ctc_align(log_probs, ids, blank_id):
     but for one run [a_k, b_k) per token, so it is a Viterbi over tokens (not over the 2n + 1
     blank-interleaved states), each step vectorised over frames with prefix sums and maxima."""
     n, T = len(ids), log_probs.shape[0]
-    repeat = [a == b for a, b in zip(ids, ids[1:])] + [False]  # token k equals token k + 1
-    if n == 0 or T < n + sum(repeat):
+    repeat = [a == b for a, b in zip(ids, ids[1:])]  # token k equals token k + 1
+    m = T - n - sum(repeat)  # the frames to spare: token k starts at lo[k] + 0..m
+    if n == 0 or m < 0:
         return [] if n == 0 else None
     columns = [blank_id, *ids]
     if isinstance(log_probs, mx.array):  # gather the n + 1 columns before leaving the device
@@ -672,22 +673,27 @@ def ctc_align(log_probs, ids, blank_id):
     gain = np.zeros((n, T + 1))
     np.subtract(lp[:, 1:].T, lp[:, 0], out=gain[:, 1:], dtype=np.float64)
     np.cumsum(gain[:, 1:], axis=1, out=gain[:, 1:])
-    ends = np.empty((n, T + 1))  # [k, b]: best path with token k's run ending at b
-    starts = np.empty((n, T + 1))  # [k, a]: best path before token k begins at a, minus gain
-    ready = np.zeros(T + 1)  # [a]: best path with the tokens before k done by frame a
-    best, ends[:, 0] = np.empty(T + 1), -np.inf  # no run ends at frame 0
+    # Token k's frames are lo[k] + 0..m: the tokens before it and their blanks come first, and
+    # those after it last. Below, frame lo[k] + j of token k is its column j.
+    lo = np.arange(n) + np.cumsum([0, *repeat])
+    ends = np.empty((n, m + 2))  # [k, b]: best path with token k's run ending at b
+    starts = np.empty((n, m + 2))  # [k, a]: best path before token k starts at a, minus gain
+    ready = np.zeros(m + 2)  # [a]: best path with the tokens before k done by frame a
+    best, ends[:, 0] = np.empty(m + 2), -np.inf  # no run ends where it starts
     for k in range(n):  # in place: each step a few calls over the frames, no new arrays
-        np.subtract(ready, gain[k], out=starts[k])
+        gain_k = gain[k, lo[k] : lo[k] + m + 2]
+        np.subtract(ready, gain_k, out=starts[k])
         np.maximum.accumulate(starts[k], out=best)
-        np.add(gain[k, 1:], best[:-1], out=ends[k, 1:])
-        np.maximum.accumulate(ends[k], out=ready)
-        if repeat[k]:  # the next token is the same: a blank frame first
-            ready[1:], ready[0] = ready[:-1].copy(), -np.inf
-    spans, b = [], int(np.argmax(ends[-1]))  # then blanks to the end
+        np.add(gain_k[1:], best[:-1], out=ends[k, 1:])
+        np.maximum.accumulate(ends[k], out=best)
+        # the next token's columns start a frame later (two after a repeat, keeping a blank
+        # between): its column a reads this token's runs ending by column a + 1
+        ready[:-1], ready[-1] = best[1:], best[-1]
+    spans, b = [], ends[-1].argmax()  # then blanks to the end
     for k in range(n - 1, -1, -1):  # back: each run's start, then the run before's end
-        a = int(np.argmax(starts[k, :b]))
-        spans.append((a, b))
-        b = int(np.argmax(ends[k - 1, : a + 1 - repeat[k - 1]])) if k else 0
+        a = starts[k, :b].argmax()
+        spans.append((int(lo[k] + a), int(lo[k] + b)))
+        b = ends[k - 1, : a + 2].argmax()  # the run before ends by its column a + 1
     return spans[::-1]
 
 

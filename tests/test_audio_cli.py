@@ -470,7 +470,7 @@ def test_ten_minutes_in_flat_memory(model_dir, tmp_path):
     # A 10-minute 44.1 kHz stereo file (106 MB as PCM16, 212 MB as float32; 38 MB even as 16 kHz
     # mono float32) must take no more memory than a 5-minute one: it is read, resampled and
     # transcribed a batch of windows at a time, and at most MAX_TRACES compiled shapes are kept
-    # (both files have more windows than that: one a batch here).
+    # (both files have more windows than that: 5 s windows, one a batch here).
     peaks = {}
     for minutes in (5, 10):
         _speechlike(tmp_path / f"{minutes}.wav", minutes)
@@ -491,6 +491,8 @@ def test_ten_minutes_in_flat_memory(model_dir, tmp_path):
                 "json",
                 "--batch-size",
                 "1",
+                "--chunk-seconds",
+                "5",
             ],
             capture_output=True,
             text=True,
@@ -503,6 +505,6 @@ def test_ten_minutes_in_flat_memory(model_dir, tmp_path):
         assert record["audio_seconds"] == pytest.approx(60 * minutes, abs=1e-3)
         assert progress[-1] == f"{tmp_path / f'{minutes}.wav'}: {60 * minutes} of {60 * minutes} s"
         assert (
-            60 * minutes / 35 <= len(progress) <= 60 * minutes / 25 + 1
-        )  # a line per window of 25 to 35 s
+            60 * minutes / 6.25 <= len(progress) <= 60 * minutes / 3.75 + 1
+        )  # a line per window of 5 s, give or take a quarter
     assert peaks[10] < peaks[5] + 20, peaks  # MB
