@@ -48,9 +48,10 @@ def synthetic_audio(seconds, seed=0):
     return (0.1 * envelope * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def fixed_hypothesis(seconds, n_tokens=None):
+def fixed_hypothesis(seconds, n_tokens=None, vocab=100352):
+    """round(2.8 x seconds) (or n_tokens) token ids, the same for every run (below vocab)."""
     n = round(2.8 * seconds) if n_tokens is None else n_tokens
-    return [1000 + 7 * i % 5000 for i in range(n)]
+    return [(1000 + 7 * i % 5000) % vocab for i in range(n)]
 
 
 def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None, timed=False):
@@ -163,7 +164,8 @@ class FixedEditor:
             tic = time.perf_counter()
             if name == "edit_hypotheses":  # an encoder row is 0.1 s of audio
                 audio_lengths = args[2].tolist()
-                args = (*args[:3], [fixed_hypothesis(n / 10) for n in audio_lengths])
+                vocab = args[0].args.editor.vocab_size
+                args = (*args[:3], [fixed_hypothesis(n / 10, vocab=vocab) for n in audio_lengths])
             result = self.functions[name](*args)
             if self.times is not None:
                 mx.eval([x for x in result if isinstance(x, mx.array)])
@@ -179,11 +181,12 @@ def throughput(model, tokenizer, args, common):
     lengths = librispeech_like_lengths(args.clips)
     waveforms = [synthetic_audio(seconds, seed=i) for i, seconds in enumerate(lengths)]
     seconds = float(lengths.sum())
-    cases = [(b, False) for b in args.batch_sizes]
-    cases += [(b, True) for b in args.batch_sizes if args.word_timestamps]
-    for batch_size, timed in cases:
+    sizes = [(b, s) for b in args.batch_sizes for s in args.batch_seconds]
+    cases = [(*size, False) for size in sizes]
+    cases += [(*size, True) for size in sizes if args.word_timestamps]
+    for batch_size, batch_seconds, timed in cases:
         options = dict(batch_size=batch_size, chunk_seconds=max(lengths) + 1,
-                       word_timestamps=timed, batch_seconds=args.batch_seconds)  # fmt: skip
+                       word_timestamps=timed, batch_seconds=batch_seconds)  # fmt: skip
         walls = []
         for _ in range(2):  # the first pass also traces each new shape
             mx.reset_peak_memory()
@@ -204,7 +207,7 @@ def throughput(model, tokenizer, args, common):
             **common,
             "word_timestamps": timed,
             "batch_size": batch_size,
-            "batch_seconds": args.batch_seconds,
+            "batch_seconds": batch_seconds,
             "clips": args.clips,
             "seconds_audio": round(seconds, 1),
             "wall_s": round(walls[1], 3),
@@ -231,8 +234,8 @@ def main():
     add("--peer", action="store_true", help="also time mlx-audio on the same weights")
     add("--clips", type=int, help="time throughput instead, over this many LibriSpeech-like clips")
     add("--batch-sizes", type=int, nargs="+", default=[32, 128], help="throughput: batch sizes")
-    add("--batch-seconds", type=float, default=g.BATCH_SECONDS,
-        help="throughput: audio in a batch, counted padded, at most")  # fmt: skip
+    add("--batch-seconds", type=float, nargs="+", default=[g.BATCH_SECONDS],
+        help="throughput: padded audio in a batch, at most (each with each size)")  # fmt: skip
     add("--word-timestamps", action="store_true", help="also time word timestamps (ctc_align)")
     args = parser.parse_args()
 
@@ -246,7 +249,8 @@ def main():
     }
     if args.clips:
         return throughput(model, tokenizer, args, common)
-    cases = [(seconds, synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens))
+    vocab = model.args.editor.vocab_size
+    cases = [(seconds, synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens, vocab))
              for seconds in args.seconds]  # fmt: skip
     for seconds, waveform, hypothesis in cases:
         row = latency_row(lambda: ours(model, tokenizer, [waveform], [hypothesis]), "granite_nar",

@@ -61,7 +61,7 @@ def main():
     blank, vocab = model.args.blank_token_id, model.args.editor.vocab_size
     features, _ = g.log_mel([synthetic_audio(args.seconds)])
     _, audio_embeds = model.encode(features)
-    hypothesis = [i % vocab for i in fixed_hypothesis(args.seconds)]  # in range of a tiny vocab
+    hypothesis = fixed_hypothesis(args.seconds, vocab=vocab)
     text_ids = mx.array([g.insert_slots(hypothesis, blank, model.args.min_edit_sequence_length)])
     ref = editor_logits(model, audio_embeds, text_ids)
     matrices = {
