@@ -433,6 +433,8 @@ def test_progress_verbose_quiet_and_editing_steps(model_dir, tmp_path):
         "--editing-steps",
         "2",
         "--verbose",
+        "--dtype",
+        "float32",  # as expected's, also on a GPU (whose default is bfloat16)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
@@ -507,4 +509,5 @@ def test_ten_minutes_in_flat_memory(model_dir, tmp_path):
         assert (
             60 * minutes / 6.25 <= len(progress) <= 60 * minutes / 3.75 + 1
         )  # a line per window of 5 s, give or take a quarter
-    assert peaks[10] < peaks[5] + 20, peaks  # MB
+    # MB; on a GPU the process holds ~1.5 GB of CUDA runtime, whose caches vary by ~1.5 %
+    assert peaks[10] < peaks[5] + max(20, 0.02 * peaks[5]), peaks

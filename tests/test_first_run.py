@@ -46,7 +46,7 @@ def _cli(*args, cwd=ROOT, stdin=None, **env):
         capture_output=True,
         env=_env(**env),
         cwd=cwd,
-        timeout=120,
+        timeout=300,  # a GPU compiles each new shape's kernels on first use, here in every run
     )
     result.stdout = result.stdout.decode("utf-8")
     result.stderr = result.stderr.decode("utf-8")
