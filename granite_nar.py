@@ -1188,7 +1188,7 @@ def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
     return words
 
 
-def prepare(waveforms):
+def prepare_batch(waveforms):
     """A batch's host work (see transcribe_waveforms), apart so that it can run while the device
     is busy: the indices of its waveforms neither short nor silent, and their stft_input."""
     live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
@@ -1201,9 +1201,9 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_time
     """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone (with
     word_timestamps, (text, words) pairs: word_times). The first editor pass reads the encoder's
     hypothesis, each further one the last pass's output, over the same audio embeddings
-    (upstream generate(num_editing_steps)). Short or silent audio: "". prepared: prepare's
+    (upstream generate(num_editing_steps)). Short or silent audio: "". prepared: prepare_batch's
     result for these waveforms, when made beforehand."""
-    live, stft = prepared or prepare(waveforms)
+    live, stft = prepared or prepare_batch(waveforms)
     texts = [("", []) if word_timestamps else ""] * len(waveforms)
     if live:
         hypotheses, bpe_logits, frames, audio_embeds, audio_lengths = encode_waveforms(model, stft)
@@ -1279,16 +1279,16 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
                     raise
                 errors[i] = e
 
-    def batches():  # (windows, prepare(their waveforms))
+    def batches():  # (windows, prepare_batch(their waveforms))
         batch = []
         for window in windows():
             longest = max(len(w) for _, _, w, _ in [*batch, window])
             if batch and (len(batch) == batch_size or (len(batch) + 1) * longest > budget):
-                yield batch, prepare([w for _, _, w, _ in batch])
+                yield batch, prepare_batch([w for _, _, w, _ in batch])
                 batch = []
             batch.append(window)
         if batch:
-            yield batch, prepare([w for _, _, w, _ in batch])
+            yield batch, prepare_batch([w for _, _, w, _ in batch])
 
     budget = batch_seconds * SAMPLE_RATE
     with ThreadPoolExecutor(1) as reader:  # reads and prepares the next batch during this one
