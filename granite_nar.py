@@ -1167,20 +1167,21 @@ def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
     batch_log_probs = np.array(gathered - mx.logsumexp(logits, axis=-1, keepdims=True))
     words = []
     for log_probs, n, c, ids in zip(batch_log_probs, frames, columns, hypotheses):
+        if not ids:
+            words.append([])
+            continue
         column = {i: k for k, i in enumerate(c)}
-        spans = ctc_align(log_probs[:n], [column[i] for i in ids], 0) if ids else []
+        id_columns = np.array([column[i] for i in ids])
+        spans = ctc_align(log_probs[:n], id_columns, 0)
         if spans is None:
             edges = np.linspace(0, n, len(ids) + 1)
             starts, ends, confidences = edges[:-1], edges[1:], [None] * len(ids)
         else:  # the mean posterior of each token on its run, over all runs at once
-            starts, ends = np.array(spans, dtype=int).reshape(-1, 2).T
-            lengths = ends - starts
-            owner = np.repeat(np.arange(len(ids)), lengths)  # the token of each frame on a run
-            first = np.cumsum(lengths) - lengths  # each run's place among the run frames
-            on_runs = np.arange(len(owner)) - np.repeat(first - starts, lengths)  # their frames
-            token_columns = np.array([column[i] for i in ids], dtype=int)[owner]
-            posteriors = np.exp(log_probs[on_runs, token_columns])
-            confidences = (np.bincount(owner, posteriors, len(ids)) / lengths).tolist()
+            starts, ends = np.array(spans).T
+            owner = np.repeat(np.arange(len(ids)), ends - starts)  # each run frame's token
+            on_runs = np.concatenate([np.arange(a, b) for a, b in spans])
+            posteriors = np.exp(log_probs[on_runs, id_columns[owner]])
+            confidences = (np.bincount(owner, posteriors, len(ids)) / (ends - starts)).tolist()
         times = zip((starts * seconds).round(3).tolist(), (ends * seconds).round(3).tolist())
         pieces = [(tokenizer.token_bytes(i), s, e, c)
                   for i, (s, e), c in zip(ids, times, confidences)]  # fmt: skip
@@ -1280,12 +1281,12 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
                 errors[i] = e
 
     def batches():  # (windows, prepare_batch(their waveforms))
-        batch = []
+        batch, longest = [], 0
         for window in windows():
-            longest = max(len(w) for _, _, w, _ in [*batch, window])
+            longest = max(longest, len(window[2]))
             if batch and (len(batch) == batch_size or (len(batch) + 1) * longest > budget):
                 yield batch, prepare_batch([w for _, _, w, _ in batch])
-                batch = []
+                batch, longest = [], len(window[2])
             batch.append(window)
         if batch:
             yield batch, prepare_batch([w for _, _, w, _ in batch])
