@@ -17,6 +17,7 @@ granite_speech_nar @032cc088).
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import io
 import itertools
 import json
@@ -628,16 +629,20 @@ class Tokenizer:
         self.tokens.update({t["id"]: t["content"] for t in added})
         self.special_ids = {t["id"] for t in added if t.get("special")}
         self.byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self.bytes = {}  # token_bytes of the ids seen so far
         config = Path(path) / "tokenizer_config.json"
         config = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
         self.clean_up_tokenization_spaces = config.get("clean_up_tokenization_spaces", False)
 
     def token_bytes(self, i):
-        """A token id -> its bytes (b"" for special and unknown ids)."""
-        token = "" if i in self.special_ids else self.tokens.get(i, "")
-        if all(c in self.byte_of for c in token):
-            return bytes(self.byte_of[c] for c in token)
-        return token.encode("utf-8")  # a token outside the byte alphabet stands for itself
+        """A token id -> its bytes (b"" for special and unknown ids), each worked out once."""
+        if i not in self.bytes:
+            token = "" if i in self.special_ids else self.tokens.get(i, "")
+            if all(c in self.byte_of for c in token):
+                self.bytes[i] = bytes(self.byte_of[c] for c in token)
+            else:  # a token outside the byte alphabet stands for itself
+                self.bytes[i] = token.encode("utf-8")
+        return self.bytes[i]
 
     def decode(self, ids):
         """Token ids -> text, special tokens skipped, invalid UTF-8 replaced by U+FFFD."""
@@ -668,27 +673,29 @@ def ctc_align(log_probs, ids, blank_id):
     columns = [blank_id, *ids]
     if isinstance(log_probs, mx.array):  # gather the n + 1 columns before leaving the device
         log_probs, columns = log_probs[:, mx.array(columns)].astype(mx.float32), slice(None)
-    lp = np.maximum(np.asarray(log_probs)[:, columns], -1e6)  # (T, n + 1), not -inf
+    lp = np.ascontiguousarray(np.maximum(np.asarray(log_probs)[:, columns], -1e6).T)  # not -inf
     # A run [a, b) of token k scores gain[k, b] - gain[k, a] more than blanks on its frames
     gain = np.zeros((n, T + 1))
-    np.subtract(lp[:, 1:].T, lp[:, 0], out=gain[:, 1:], dtype=np.float64)
-    np.cumsum(gain[:, 1:], axis=1, out=gain[:, 1:])
+    np.subtract(lp[1:], lp[0], out=gain[:, 1:], dtype=np.float64)
+    np.cumsum(gain, axis=1, out=gain)
     # Token k's frames are lo[k] + 0..m: the tokens before it and their blanks come first, and
     # those after it last. Below, frame lo[k] + j of token k is its column j.
     lo = np.arange(n) + np.cumsum([0, *repeat])
     ends = np.empty((n, m + 2))  # [k, b]: best path with token k's run ending at b
     starts = np.empty((n, m + 2))  # [k, a]: best path before token k starts at a, minus gain
-    ready = np.zeros(m + 2)  # [a]: best path with the tokens before k done by frame a
+    done = np.zeros(m + 3)  # [1 + a]: best path with the tokens before k done by column a
     best, ends[:, 0] = np.empty(m + 2), -np.inf  # no run ends where it starts
-    for k in range(n):  # in place: each step a few calls over the frames, no new arrays
-        gain_k = gain[k, lo[k] : lo[k] + m + 2]
-        np.subtract(ready, gain_k, out=starts[k])
-        np.maximum.accumulate(starts[k], out=best)
-        np.add(gain_k[1:], best[:-1], out=ends[k, 1:])
-        np.maximum.accumulate(ends[k], out=best)
-        # the next token's columns start a frame later (two after a repeat, keeping a blank
-        # between): its column a reads this token's runs ending by column a + 1
-        ready[:-1], ready[-1] = best[1:], best[-1]
+    # The next token's columns start a frame later (two after a repeat, keeping a blank
+    # between): its column a reads this token's runs ending by column a + 1. So the running
+    # maximum of token k's ends, written from done[0], is read from done[1] by token k + 1.
+    ready, best_end = done[1:], done[:-1]
+    gains = [g[a : a + m + 2] for g, a in zip(gain, lo)]
+    for gain_k, start_k, end_k in zip(gains, starts, ends):  # in place: a few calls each
+        np.subtract(ready, gain_k, out=start_k)
+        np.maximum.accumulate(start_k, out=best)
+        np.add(gain_k[1:], best[:-1], out=end_k[1:])
+        np.maximum.accumulate(end_k, out=best_end)
+        done[-1] = done[-2]
     spans, b = [], ends[-1].argmax()  # then blanks to the end
     for k in range(n - 1, -1, -1):  # back: each run's start, then the run before's end
         a = starts[k, :b].argmax()
@@ -697,15 +704,20 @@ def ctc_align(log_probs, ids, blank_id):
     return spans[::-1]
 
 
+@functools.cache
+def _punctuation(token):
+    """Whether a token's bytes are punctuation only (spaces aside)."""
+    text = token.decode(errors="replace").strip()
+    return bool(text) and all(unicodedata.category(c)[0] == "P" for c in text)
+
+
 def group_words(pieces):
     """(token bytes, start, end, confidence) pieces -> words {word, start, end, confidence}: a
     token beginning with a space starts a word, punctuation joins the word before, and a word's
     confidence is the mean of its tokens' (None: unaligned)."""
     groups = []
     for piece in pieces:
-        text = piece[0].decode(errors="replace").strip()
-        punctuation = bool(text) and all(unicodedata.category(c)[0] == "P" for c in text)
-        if groups and (punctuation or not piece[0].startswith(b" ")):
+        if groups and (_punctuation(piece[0]) or not piece[0].startswith(b" ")):
             groups[-1].append(piece)
         else:
             groups.append([piece])
@@ -1114,14 +1126,15 @@ def max_chunk_seconds(args):
 def shape_steps(model):
     """(frame step, slot step) to which a batch's encoder frames and editor slots are padded.
     On a GPU a pass takes less time than tracing a new shape, so batches are padded (and masked:
-    the results do not change) to shapes that recur: frames to whole attention blocks, slots to
-    multiples of 16. On a CPU a pass takes seconds and the padding would cost more."""
-    return (model.args.encoder.context_size, 16) if mx.default_device() == mx.gpu else (1, 1)
+    the results do not change) to shapes that recur: frames to multiples of 25 (half seconds),
+    slots to multiples of 16. On a CPU a pass takes seconds and the padding would cost more."""
+    return (25, 16) if mx.default_device() == mx.gpu else (1, 1)
 
 
 def encode_waveforms(model, stft):
-    """A batch's stft_input -> its hypotheses, BPE CTC logits (B, F, vocab) and each one's real
-    frames of them, audio embeddings (B, A, llm_dim) and each one's rows of them."""
+    """A batch's stft_input -> its encoder pass, queued on the device (mx.async_eval), not waited
+    for: the best BPE CTC ids (B, F), the BPE CTC logits (B, F, vocab) and each one's real frames
+    of them, audio embeddings (B, A, llm_dim) and each one's rows of them."""
     args, frame_step = model.args, shape_steps(model)[0]
     x, lengths = stft
     features = _log_mel(x, mx.array(lengths))
@@ -1130,12 +1143,17 @@ def encode_waveforms(model, stft):
     bpe_logits, audio_embeds = model.compiled_encode(
         pad_rows(features, T).astype(model.dtype), mask
     )
-    W, blank = args.encoder.bpe_pooling_window, args.blank_token_id
-    frames = [-(-n // W) for n in lengths]  # each one's real BPE frames
-    best = np.array(mx.argmax(bpe_logits, axis=-1))  # (B, frames): waits for the encoder
-    hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(best, frames)]
+    best = mx.argmax(bpe_logits, axis=-1)
+    mx.async_eval(best, audio_embeds)
+    frames = [-(-n // args.encoder.bpe_pooling_window) for n in lengths]  # real BPE frames
     audio_lengths = mx.array([n // args.projector.downsample_rate for n in lengths])
-    return hypotheses, bpe_logits, frames, audio_embeds, audio_lengths
+    return best, bpe_logits, frames, audio_embeds, audio_lengths
+
+
+def encode_batch(model, prepared):
+    """prepare_batch's result -> the indices it keeps and their encode_waveforms (None: none)."""
+    live, stft = prepared
+    return live, encode_waveforms(model, stft) if live else None
 
 
 def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses):
@@ -1178,10 +1196,13 @@ def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
             starts, ends, confidences = edges[:-1], edges[1:], [None] * len(ids)
         else:  # the mean posterior of each token on its run, over all runs at once
             starts, ends = np.array(spans).T
-            owner = np.repeat(np.arange(len(ids)), ends - starts)  # each run frame's token
-            on_runs = np.concatenate([np.arange(a, b) for a, b in spans])
-            posteriors = np.exp(log_probs[on_runs, id_columns[owner]])
-            confidences = (np.bincount(owner, posteriors, len(ids)) / (ends - starts)).tolist()
+            path = np.full(n, -1)  # the token on each frame of the path, -1 on blanks
+            for k, (a, b) in enumerate(spans):
+                path[a:b] = k
+            on_runs = np.flatnonzero(path >= 0)
+            posteriors = np.exp(log_probs[on_runs, id_columns[path[on_runs]]])
+            confidences = np.bincount(path[on_runs], posteriors, len(ids)) / (ends - starts)
+            confidences = confidences.tolist()
         times = zip((starts * seconds).round(3).tolist(), (ends * seconds).round(3).tolist())
         pieces = [(tokenizer.token_bytes(i), s, e, c)
                   for i, (s, e), c in zip(ids, times, confidences)]  # fmt: skip
@@ -1190,26 +1211,28 @@ def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
 
 
 def prepare_batch(waveforms):
-    """A batch's host work (see transcribe_waveforms), apart so that it can run while the device
-    is busy: the indices of its waveforms neither short nor silent, and their stft_input."""
+    """A batch's host work, apart so that it can run while the device is busy: the indices of its
+    waveforms neither short nor silent, and their stft_input."""
     live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
     live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
     return live, stft_input([waveforms[i] for i in live]) if live else None
 
 
 def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False,
-                         prepared=None):  # fmt: skip
+                         encoded=None):  # fmt: skip
     """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone (with
     word_timestamps, (text, words) pairs: word_times). The first editor pass reads the encoder's
     hypothesis, each further one the last pass's output, over the same audio embeddings
-    (upstream generate(num_editing_steps)). Short or silent audio: "". prepared: prepare_batch's
-    result for these waveforms, when made beforehand."""
-    live, stft = prepared or prepare_batch(waveforms)
+    (upstream generate(num_editing_steps)). Short or silent audio: "". encoded: encode_batch's
+    result for these waveforms, when queued beforehand."""
+    live, encoded = encoded or encode_batch(model, prepare_batch(waveforms))
     texts = [("", []) if word_timestamps else ""] * len(waveforms)
     if live:
-        hypotheses, bpe_logits, frames, audio_embeds, audio_lengths = encode_waveforms(model, stft)
+        best, bpe_logits, frames, audio_embeds, audio_lengths = encoded
         if not word_timestamps:  # a large batch's BPE logits take GBs: not through the editor
             bpe_logits = None
+        blank = model.args.blank_token_id
+        hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(np.array(best), frames)]
         for _ in range(editing_steps):
             hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
         decoded = [tokenizer.decode(ids) for ids in hypotheses]
@@ -1291,16 +1314,25 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         if batch:
             yield batch, prepare_batch([w for _, _, w, _ in batch])
 
+    def queued(item):  # (windows, encode_batch): their encoder pass queued; None at the end
+        return item and (item[0], encode_batch(model, item[1]))
+
     budget = batch_seconds * SAMPLE_RATE
-    with ThreadPoolExecutor(1) as reader:  # reads and prepares the next batch during this one
+    # A reader thread reads and prepares the batch after next while the device works, and the
+    # next batch's encoder pass is queued before this batch's editor: the device does not wait
+    # for the host between batches.
+    with ThreadPoolExecutor(1) as reader:
         stream, tic = batches(), time.perf_counter()
+        current = queued(reader.submit(next, stream, None).result())
         pending = reader.submit(next, stream, None)
-        while item := pending.result():
+        while current:
+            upcoming = queued(pending.result())
             pending = reader.submit(next, stream, None)
-            batch, prepared = item
+            batch, encoded = current
             waveforms = [w for _, _, w, _ in batch]
             texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps,
-                                         word_timestamps, prepared)  # fmt: skip
+                                         word_timestamps, encoded)  # fmt: skip
+            current = upcoming
             share = (time.perf_counter() - tic) / max(1, sum(map(len, waveforms)))
             tic = time.perf_counter()
             for (i, start, w, last), text in zip(batch, texts):

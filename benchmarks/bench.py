@@ -59,7 +59,9 @@ def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None, tim
     `hypotheses`; wait(stage, *arrays) is called after each stage. timed: word timestamps too,
     aligning the hypotheses (random weights make the edited ids arbitrary)."""
     stft = g.stft_input(waveforms)
-    _, bpe_logits, frames, audio_embeds, audio_lengths = g.encode_waveforms(model, stft)
+    best, bpe_logits, frames, audio_embeds, audio_lengths = g.encode_waveforms(model, stft)
+    blank = model.args.blank_token_id  # the encoder's hypotheses, as a transcription makes them:
+    [g.ctc_collapse(row[:n], blank) for row, n in zip(np.array(best), frames)]
     wait("encode", audio_embeds)
     edited = g.edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
     wait("edit")

@@ -555,17 +555,20 @@ def test_cases_exercise_the_edges(built):
     assert any(len(r["encoder_preds"]) > 0 for r in built["refs"]), "every hypothesis is empty"
 
 
-@pytest.mark.parametrize("steps", [(1, 1), "gpu"])
+@pytest.mark.parametrize("steps", [(1, 1), (25, 16), "blocks"])
 def test_one_padded_batch_matches_the_reference_per_sample(built, steps):
     """The configuration's waves as one batch (padded to the longest: partial attention blocks,
     convolution edges, pooling windows and projector blocks of every length): each sample's stages
-    are the reference's for that sample alone. "gpu": also padded as shape_steps does on a GPU."""
+    are the reference's for that sample alone. (25, 16): also padded as shape_steps does on a GPU;
+    "blocks": frames to whole attention blocks."""
     model, cfg, refs = built["model"], built["cfg"], built["refs"]
     W, rate = (
         cfg["encoder_config"]["bpe_pooling_window"],
         cfg["projector_config"]["downsample_rate"],
     )
-    frame_step, slot_step = (cfg["encoder_config"]["context_size"], 16) if steps == "gpu" else steps
+    frame_step, slot_step = (
+        (cfg["encoder_config"]["context_size"], 16) if steps == "blocks" else steps
+    )
     features, lengths = granite_nar.log_mel(built["waves"])
     T = -(-features.shape[1] // frame_step) * frame_step
     bpe, audio = model.encode(
