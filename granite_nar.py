@@ -371,7 +371,10 @@ class QFormerAttention(nn.Module):
         N, Lq, _ = query.shape
         heads = lambda a: a.reshape(N, a.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        # Written out: on a window's few queries and keys, plain matmuls run faster than the
+        # fused kernel
+        scores = (q * self.scale) @ k.transpose(0, 1, 3, 2)  # (N, heads, q, block)
+        out = mx.softmax(scores, axis=-1, precise=True) @ v
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(N, Lq, -1))
 
 
@@ -1156,16 +1159,26 @@ def encode_batch(model, prepared):
     return live, encode_waveforms(model, stft) if live else None
 
 
-def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses):
-    """One editor pass over a batch: each hypothesis -> the CTC collapse of the editor's output."""
+def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses, queued=None):
+    """One editor pass over a batch: each hypothesis -> the CTC collapse of the editor's output.
+    queued: called once the pass is queued on the device, before its output is waited for."""
     blank, slot_step = model.args.blank_token_id, shape_steps(model)[1]
     ids, lengths = slot_batch(hypotheses, blank, model.args.min_edit_sequence_length, slot_step)
     # MLX's CUDA quantized matmul fails past 2^31 output elements: large batches go in parts
-    part, edited = max(1, (2**31 - 1) // (ids.shape[1] * model.args.editor.vocab_size)), []
-    for s in (slice(i, i + part) for i in range(0, len(hypotheses), part)):
-        logits = model.compiled_edit(audio_embeds[s], ids[s], audio_lengths[s], lengths[s])
-        best = np.array(mx.argmax(logits, axis=-1))
-        edited += [ctc_collapse(row[:n], blank) for row, n in zip(best, lengths[s].tolist())]
+    part = max(1, (2**31 - 1) // (ids.shape[1] * model.args.editor.vocab_size))
+    parts = [slice(i, i + part) for i in range(0, len(hypotheses), part)]
+    best = [
+        mx.argmax(model.compiled_edit(audio_embeds[s], ids[s], audio_lengths[s], lengths[s]), -1)
+        for s in parts
+    ]
+    mx.async_eval(best)
+    if queued:
+        queued()
+    edited = []
+    for s, rows in zip(parts, best):
+        edited += [
+            ctc_collapse(row[:n], blank) for row, n in zip(np.array(rows), lengths[s].tolist())
+        ]
     return edited
 
 
@@ -1219,12 +1232,13 @@ def prepare_batch(waveforms):
 
 
 def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False,
-                         encoded=None):  # fmt: skip
+                         encoded=None, queued=None):  # fmt: skip
     """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone (with
     word_timestamps, (text, words) pairs: word_times). The first editor pass reads the encoder's
     hypothesis, each further one the last pass's output, over the same audio embeddings
     (upstream generate(num_editing_steps)). Short or silent audio: "". encoded: encode_batch's
-    result for these waveforms, when queued beforehand."""
+    result for these waveforms, when queued beforehand; queued: called once the last editor pass
+    is queued (transcribe_stream queues the next batch's encoder pass there)."""
     live, encoded = encoded or encode_batch(model, prepare_batch(waveforms))
     texts = [("", []) if word_timestamps else ""] * len(waveforms)
     if live:
@@ -1233,8 +1247,9 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_time
             bpe_logits = None
         blank = model.args.blank_token_id
         hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(np.array(best), frames)]
-        for _ in range(editing_steps):
-            hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
+        for step in range(1, editing_steps + 1):
+            last = queued if step == editing_steps else None
+            hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses, last)
         decoded = [tokenizer.decode(ids) for ids in hypotheses]
         if word_timestamps:
             decoded = list(
@@ -1314,25 +1329,26 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         if batch:
             yield batch, prepare_batch([w for _, _, w, _ in batch])
 
-    def queued(item):  # (windows, encode_batch): their encoder pass queued; None at the end
+    def queue_next():  # the next batch and its encoder pass, queued (encode_batch); None: done
+        reads.append(reader.submit(next, stream, None))
+        item = reads.pop(0).result()
         return item and (item[0], encode_batch(model, item[1]))
 
     budget = batch_seconds * SAMPLE_RATE
-    # A reader thread reads and prepares the batch after next while the device works, and the
-    # next batch's encoder pass is queued before this batch's editor: the device does not wait
-    # for the host between batches.
+    # A reader thread reads and prepares the next two batches while the device works, and the
+    # next batch's encoder pass is queued behind this batch's last editor pass: the device works
+    # while the host finishes this batch.
     with ThreadPoolExecutor(1) as reader:
         stream, tic = batches(), time.perf_counter()
-        current = queued(reader.submit(next, stream, None).result())
-        pending = reader.submit(next, stream, None)
+        reads = [reader.submit(next, stream, None) for _ in range(2)]
+        current = queue_next()
         while current:
-            upcoming = queued(pending.result())
-            pending = reader.submit(next, stream, None)
             batch, encoded = current
-            waveforms = [w for _, _, w, _ in batch]
+            waveforms, upcoming = [w for _, _, w, _ in batch], []
             texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps,
-                                         word_timestamps, encoded)  # fmt: skip
-            current = upcoming
+                                         word_timestamps, encoded,
+                                         lambda: upcoming.append(queue_next()))  # fmt: skip
+            current = upcoming[0] if upcoming else queue_next()  # a silent batch: no editor
             share = (time.perf_counter() - tic) / max(1, sum(map(len, waveforms)))
             tic = time.perf_counter()
             for (i, start, w, last), text in zip(batch, texts):

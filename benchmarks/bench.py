@@ -148,7 +148,8 @@ STAGES = {"stft_input": "prepare", "encode_waveforms": "encode", "edit_hypothese
 class FixedEditor:
     """Within it, g.edit_hypotheses edits fixed hypotheses of round(2.8 x seconds) tokens instead
     of the encoder's (arbitrary with random weights) and returns them. With `times`, each stage
-    of g.transcribe_waveforms (STAGES) also waits for the device and adds its seconds there."""
+    of g.transcribe_waveforms (STAGES) also waits for the device and adds its seconds there, and
+    the stages run one at a time (the next batch's encoder pass is queued after the editor's)."""
 
     def __init__(self, times=None):
         self.times, self.functions = times, {name: getattr(g, name) for name in STAGES}
@@ -163,17 +164,21 @@ class FixedEditor:
 
     def wrap(self, name):
         def run(*args):
-            tic = time.perf_counter()
+            tic, queued = time.perf_counter(), None
             if name == "edit_hypotheses":  # an encoder row is 0.1 s of audio
                 audio_lengths = args[2].tolist()
                 vocab = args[0].args.editor.vocab_size
-                args = (*args[:3], [fixed_hypothesis(n / 10, vocab=vocab) for n in audio_lengths])
+                fixed = [fixed_hypothesis(n / 10, vocab=vocab) for n in audio_lengths]
+                queued = args[4] if len(args) > 4 else None
+                args = (*args[:3], fixed, None if self.times is not None else queued)
             result = self.functions[name](*args)
             if self.times is not None:
                 mx.eval([x for x in result if isinstance(x, mx.array)])
                 stage = STAGES[name]
                 self.times[stage] = self.times.get(stage, 0) + time.perf_counter() - tic
-            return args[-1] if name == "edit_hypotheses" else result
+                if queued:
+                    queued()
+            return args[3] if name == "edit_hypotheses" else result
 
         return run
 

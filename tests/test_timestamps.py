@@ -639,7 +639,7 @@ def test_word_times_empty_hypothesis(loaded, monkeypatch):
     logits = mx.zeros((10, model.args.encoder.bpe_output_dim))
     assert g.word_times(model, tokenizer, logits[None], [10], [[]]) == [[]]
     monkeypatch.setattr(
-        g, "edit_hypotheses", lambda model, e, l, hypotheses: [[] for _ in hypotheses]
+        g, "edit_hypotheses", lambda model, e, l, hypotheses, *rest: [[] for _ in hypotheses]
     )
     assert g.transcribe(model, tokenizer, AUDIO, word_timestamps=True) == {
         "text": "",
