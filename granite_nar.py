@@ -1289,9 +1289,10 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
                       word_timestamps=False, batch_seconds=BATCH_SECONDS):  # fmt: skip
     """Transcribe every window of every input (see transcribe), the inputs shortest first (a batch
     of like lengths pads less), in batches of at most batch_size windows and batch_seconds of
-    audio counted padded (a longer window goes alone), reading as it goes: the next batch is read
-    and prepared while this one runs. Yields a Window as its batch finishes; an input's windows
-    come in order. A reading error raises, or with an `errors` dict is stored there by index."""
+    audio counted padded (a longer window goes alone), reading as it goes: the next two batches
+    are read and prepared while this one runs. Yields a Window as its batch finishes; an input's
+    windows come in order. A reading error raises, or with an `errors` dict is stored there by
+    index."""
     for name, value in (("batch_size", batch_size), ("editing_steps", editing_steps)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
