@@ -676,29 +676,27 @@ def ctc_align(log_probs, ids, blank_id):
     columns = [blank_id, *ids]
     if isinstance(log_probs, mx.array):  # gather the n + 1 columns before leaving the device
         log_probs, columns = log_probs[:, mx.array(columns)].astype(mx.float32), slice(None)
-    lp = np.ascontiguousarray(np.maximum(np.asarray(log_probs)[:, columns], -1e6).T)  # not -inf
+    lp = np.maximum(np.asarray(log_probs)[:, columns], -1e6)  # (T, n + 1), not -inf
     # A run [a, b) of token k scores gain[k, b] - gain[k, a] more than blanks on its frames
     gain = np.zeros((n, T + 1))
-    np.subtract(lp[1:], lp[0], out=gain[:, 1:], dtype=np.float64)
-    np.cumsum(gain, axis=1, out=gain)
+    np.subtract(lp[:, 1:].T, lp[:, 0], out=gain[:, 1:], dtype=np.float64)
+    np.cumsum(gain[:, 1:], axis=1, out=gain[:, 1:])
     # Token k's frames are lo[k] + 0..m: the tokens before it and their blanks come first, and
     # those after it last. Below, frame lo[k] + j of token k is its column j.
     lo = np.arange(n) + np.cumsum([0, *repeat])
     ends = np.empty((n, m + 2))  # [k, b]: best path with token k's run ending at b
     starts = np.empty((n, m + 2))  # [k, a]: best path before token k starts at a, minus gain
-    done = np.zeros(m + 3)  # [1 + a]: best path with the tokens before k done by column a
+    ready = np.zeros(m + 2)  # [a]: best path with the tokens before k done by frame a
     best, ends[:, 0] = np.empty(m + 2), -np.inf  # no run ends where it starts
-    # The next token's columns start a frame later (two after a repeat, keeping a blank
-    # between): its column a reads this token's runs ending by column a + 1. So the running
-    # maximum of token k's ends, written from done[0], is read from done[1] by token k + 1.
-    ready, best_end = done[1:], done[:-1]
-    gains = [g[a : a + m + 2] for g, a in zip(gain, lo)]
-    for gain_k, start_k, end_k in zip(gains, starts, ends):  # in place: a few calls each
-        np.subtract(ready, gain_k, out=start_k)
-        np.maximum.accumulate(start_k, out=best)
-        np.add(gain_k[1:], best[:-1], out=end_k[1:])
-        np.maximum.accumulate(end_k, out=best_end)
-        done[-1] = done[-2]
+    for k in range(n):  # in place: each step a few calls over the frames, no new arrays
+        gain_k = gain[k, lo[k] : lo[k] + m + 2]
+        np.subtract(ready, gain_k, out=starts[k])
+        np.maximum.accumulate(starts[k], out=best)
+        np.add(gain_k[1:], best[:-1], out=ends[k, 1:])
+        np.maximum.accumulate(ends[k], out=best)
+        # the next token's columns start a frame later (two after a repeat, keeping a blank
+        # between): its column a reads this token's runs ending by column a + 1
+        ready[:-1], ready[-1] = best[1:], best[-1]
     spans, b = [], ends[-1].argmax()  # then blanks to the end
     for k in range(n - 1, -1, -1):  # back: each run's start, then the run before's end
         a = starts[k, :b].argmax()
