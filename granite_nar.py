@@ -1157,51 +1157,54 @@ def encode_batch(model, prepared):
     return live, encode_waveforms(model, stft) if live else None
 
 
-def edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses, queued=None):
-    """One editor pass over a batch: each hypothesis -> the CTC collapse of the editor's output.
-    queued: called once the pass is queued on the device, before its output is waited for."""
+def edit_pass(model, audio_embeds, audio_lengths, hypotheses):
+    """One editor pass over a batch, queued on the device (mx.async_eval), not waited for: the
+    editor's best token in each slot (B, S) and each hypothesis's slots. The CTC collapse of a
+    row's slots is that hypothesis edited."""
     blank, slot_step = model.args.blank_token_id, shape_steps(model)[1]
     ids, lengths = slot_batch(hypotheses, blank, model.args.min_edit_sequence_length, slot_step)
     # MLX's CUDA quantized matmul fails past 2^31 output elements: large batches go in parts
     part = max(1, (2**31 - 1) // (ids.shape[1] * model.args.editor.vocab_size))
     parts = [slice(i, i + part) for i in range(0, len(hypotheses), part)]
-    best = [
-        mx.argmax(model.compiled_edit(audio_embeds[s], ids[s], audio_lengths[s], lengths[s]), -1)
-        for s in parts
-    ]
-    mx.async_eval(best)
-    if queued:
-        queued()
-    edited = []
-    for s, rows in zip(parts, best):
-        edited += [
-            ctc_collapse(row[:n], blank) for row, n in zip(np.array(rows), lengths[s].tolist())
+    tokens = mx.concatenate(
+        [
+            mx.argmax(
+                model.compiled_edit(audio_embeds[s], ids[s], audio_lengths[s], lengths[s]), -1
+            )
+            for s in parts
         ]
-    return edited
+    )
+    mx.async_eval(tokens)
+    return tokens, lengths.tolist()
 
 
-def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
-    """A batch's BPE CTC logits (B, F, vocab), each window's real frames and final ids -> each
-    window's words, timed (seconds from its start) by aligning its ids to its frames; spread
-    evenly, with confidence None, when no path fits."""
-    blank = model.args.blank_token_id
-    seconds = model.args.encoder.bpe_pooling_window * SAMPLES_PER_FRAME / SAMPLE_RATE  # a frame
-    columns = [list(dict.fromkeys([blank, *ids])) for ids in hypotheses]  # the blank, each id once
-    index = np.full((len(columns), max(map(len, columns))), blank, np.int32)
-    for row, c in zip(index, columns):
-        row[: len(c)] = c
+def token_log_probs(bpe_logits, tokens, blank_id):
+    """BPE CTC logits (B, F, vocab) and token ids (B, S) -> the log-softmax of the blank and of
+    each token on each frame (B, F, 1 + S), queued on the device: the columns word_times reads.
+    Queued with the editor's best tokens, it needs no second trip to the device."""
+    index = mx.concatenate([mx.full((tokens.shape[0], 1), blank_id, tokens.dtype), tokens], 1)
     logits = bpe_logits.astype(mx.float32)
-    # the log-softmax of those columns only, (B, F, columns): one transfer for the batch
-    gathered = mx.take_along_axis(logits, mx.array(index)[:, None], axis=2)
-    batch_log_probs = np.array(gathered - mx.logsumexp(logits, axis=-1, keepdims=True))
+    log_probs = mx.take_along_axis(logits, index[:, None], axis=2)
+    log_probs = log_probs - mx.logsumexp(logits, axis=-1, keepdims=True)
+    mx.async_eval(log_probs)
+    return log_probs
+
+
+def word_times(model, tokenizer, log_probs, tokens, frames, hypotheses):
+    """token_log_probs (B, F, 1 + S) of tokens (B, S) among which are each window's final ids,
+    each window's real frames and final ids -> each window's words, timed (seconds from its
+    start) by aligning its ids to its frames; spread evenly, with confidence None, when no path
+    fits."""
+    seconds = model.args.encoder.bpe_pooling_window * SAMPLES_PER_FRAME / SAMPLE_RATE  # a frame
     words = []
-    for log_probs, n, c, ids in zip(batch_log_probs, frames, columns, hypotheses):
+    for window, row, n, ids in zip(np.asarray(log_probs), np.asarray(tokens), frames, hypotheses):
         if not ids:
             words.append([])
             continue
-        column = {i: k for k, i in enumerate(c)}
+        column = {t: 1 + s for s, t in enumerate(row.tolist())}  # column 0 is the blank's
         id_columns = np.array([column[i] for i in ids])
-        spans = ctc_align(log_probs[:n], id_columns, 0)
+        window = window[:n]
+        spans = ctc_align(window, id_columns, 0)
         if spans is None:
             edges = np.linspace(0, n, len(ids) + 1)
             starts, ends, confidences = edges[:-1], edges[1:], [None] * len(ids)
@@ -1211,7 +1214,7 @@ def word_times(model, tokenizer, bpe_logits, frames, hypotheses):
             for k, (a, b) in enumerate(spans):
                 path[a:b] = k
             on_runs = np.flatnonzero(path >= 0)
-            posteriors = np.exp(log_probs[on_runs, id_columns[path[on_runs]]])
+            posteriors = np.exp(window[on_runs, id_columns[path[on_runs]]])
             confidences = np.bincount(path[on_runs], posteriors, len(ids)) / (ends - starts)
             confidences = confidences.tolist()
         times = zip((starts * seconds).round(3).tolist(), (ends * seconds).round(3).tolist())
@@ -1246,13 +1249,17 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_time
         blank = model.args.blank_token_id
         hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(np.array(best), frames)]
         for step in range(1, editing_steps + 1):
-            last = queued if step == editing_steps else None
-            hypotheses = edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses, last)
+            tokens, slots = edit_pass(model, audio_embeds, audio_lengths, hypotheses)
+            if step == editing_steps and word_timestamps:  # queued behind it: no second wait
+                log_probs = token_log_probs(bpe_logits, tokens, blank)
+            if step == editing_steps and queued:
+                queued()
+            tokens = np.array(tokens)
+            hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(tokens, slots)]
         decoded = [tokenizer.decode(ids) for ids in hypotheses]
         if word_timestamps:
-            decoded = list(
-                zip(decoded, word_times(model, tokenizer, bpe_logits, frames, hypotheses))
-            )
+            words = word_times(model, tokenizer, log_probs, tokens, frames, hypotheses)
+            decoded = list(zip(decoded, words))
         for i, text in zip(live, decoded):
             texts[i] = text
     return texts

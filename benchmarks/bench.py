@@ -6,12 +6,13 @@
 DIR is a convert.py output (make a full-size one with make_random_checkpoint.py). One JSON line
 per case; `speed` is audio seconds per processing second (x real time).
 
-Batch 1 (--seconds): waveform -> text after a warm-up, median of --reps. Random weights make the
-encoder's hypothesis arbitrary, so it is computed and then replaced by K fixed tokens (default
-round(2.8 x seconds), about the real model's rate). `stages_ms` comes from a separate pass that
-waits after every stage. --peer then runs mlx-audio (pip install mlx-audio; not a dependency of
-this project) on the same weights in its layout, cast to the same dtype, with the same hypothesis,
-once granite_nar's weights are freed (two float32 copies do not fit a 24 GB machine).
+Batch 1 (--seconds): waveform -> text (g.transcribe_waveforms) after a warm-up, median of --reps.
+Random weights make the encoder's hypothesis arbitrary, so it is computed and then replaced by K
+fixed tokens (default round(2.8 x seconds), about the real model's rate). `stages_ms` comes from
+a separate pass that waits after every stage. --peer also runs mlx-audio (pip install mlx-audio;
+not a dependency of this project) on the same weights in its layout, cast to the same dtype, with
+the same hypothesis: beside granite_nar, the two taking turns rep by rep, where both fit in half
+the memory ("beside": true), else alone once granite_nar's weights are freed.
 
 Throughput (--clips N): g.transcribe_stream over N clips of LibriSpeech-like lengths (2-35 s,
 mean ~7 s, each one window), batches of at most --batch-sizes clips and --batch-seconds of
@@ -19,11 +20,13 @@ padded audio, with fixed hypotheses; the speed of a second pass over all clips (
 traces each new shape), the peak memory, and a third pass that waits after each stage.
 
 --word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypotheses on the
-batch's BPE CTC logits): a `word_timestamps` stage in stages_ms, and throughput rows with them.
+batch's BPE CTC logits): a `word_timestamps` stage in stages_ms, at batch 1 the median of passes
+with them (`median_ms_word_timestamps`, taking turns with the others), and throughput rows.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -54,41 +57,21 @@ def fixed_hypothesis(seconds, n_tokens=None, vocab=100352):
     return [(1000 + 7 * i % 5000) % vocab for i in range(n)]
 
 
-def ours(model, tokenizer, waveforms, hypotheses, wait=lambda *arrays: None, timed=False):
-    """g.transcribe_waveforms over one batch, with the encoder's hypotheses replaced by
-    `hypotheses`; wait(stage, *arrays) is called after each stage. timed: word timestamps too,
-    aligning the hypotheses (random weights make the edited ids arbitrary)."""
-    stft = g.stft_input(waveforms)
-    best, bpe_logits, frames, audio_embeds, audio_lengths = g.encode_waveforms(model, stft)
-    blank = model.args.blank_token_id  # the encoder's hypotheses, as a transcription makes them:
-    [g.ctc_collapse(row[:n], blank) for row, n in zip(np.array(best), frames)]
-    wait("encode", audio_embeds)
-    edited = g.edit_hypotheses(model, audio_embeds, audio_lengths, hypotheses)
-    wait("edit")
-    texts = [tokenizer.decode(ids) for ids in edited]
-    wait("decode")
-    if timed:
-        g.word_times(model, tokenizer, bpe_logits, frames, hypotheses)
-        wait("word_timestamps")
-    return texts
+def ours(model, tokenizer, waveforms, n_tokens=None, timed=False, times=None):
+    """g.transcribe_waveforms over one batch (with word timestamps if timed), its editor reading
+    fixed hypotheses (FixedEditor); with `times`, waiting after each stage."""
+    with FixedEditor(times, n_tokens):
+        return g.transcribe_waveforms(model, tokenizer, waveforms, word_timestamps=timed)
 
 
-def stages_ms(model, tokenizer, waveforms, hypotheses, timed, passes=2):
+def stages_ms(model, tokenizer, waveforms, n_tokens, timed, passes=2):
     """Milliseconds per stage of a batch (the last of `passes`: the first warms up), waiting for
-    the GPU after each; the featurizer is timed alone first, and "encode" is the rest."""
+    the device after each (FixedEditor); "rest" is the remainder (CTC collapse, decoding)."""
     for _ in range(passes):
-        tic = time.perf_counter()
-        mx.eval(g.log_mel(waveforms)[0])
-        times, tic = {"featurizer": 1000 * (time.perf_counter() - tic)}, [time.perf_counter()]
-
-        def wait(stage, *arrays):
-            mx.eval(*arrays)
-            times[stage] = 1000 * (time.perf_counter() - tic[0])
-            tic[0] = time.perf_counter()
-
-        ours(model, tokenizer, waveforms, hypotheses, wait, timed)
-        times["encode"] -= times["featurizer"]  # encode_waveforms computes the features again
-    return times
+        times, tic = {}, time.perf_counter()
+        ours(model, tokenizer, waveforms, n_tokens, timed, times)
+        times["rest"] = time.perf_counter() - tic - sum(times.values())
+    return {stage: round(1000 * t, 2) for stage, t in times.items()}
 
 
 def peer(model, waveform, hypothesis):
@@ -123,16 +106,21 @@ def peer(model, waveform, hypothesis):
     return model._tokenizer.decode([int(t) for t in ids.tolist()], skip_special_tokens=True)
 
 
-def measure(run, reps):
-    mx.clear_cache()  # each implementation starts with an empty buffer cache, not the other's
-    run()  # warm-up: kernels, compilation, allocator
-    mx.reset_peak_memory()
-    times = []
+def measure(runs, reps, others_gb=0.0):
+    """{name: run} -> {name: (median seconds, peak GB)}: a warm-up of each, then `reps` rounds in
+    which the runs take turns, so that each sees the machine as the others do. others_gb: the
+    weights of implementations loaded beside (taken off each run's peak)."""
+    for run in runs.values():
+        run()  # kernels, compilation, allocator
+    times, peaks = {name: [] for name in runs}, dict.fromkeys(runs, 0.0)
     for _ in range(reps):
-        tic = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times), mx.get_peak_memory() / 1e9
+        for name, run in runs.items():
+            mx.reset_peak_memory()
+            tic = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - tic)
+            peaks[name] = max(peaks[name], mx.get_peak_memory() / 1e9 - others_gb)
+    return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
 def librispeech_like_lengths(n, seed=0):
@@ -141,21 +129,24 @@ def librispeech_like_lengths(n, seed=0):
     return np.clip(rng.lognormal(np.log(5.5), 0.65, n), 2.0, 35.0).round(2)
 
 
-STAGES = {"stft_input": "prepare", "encode_waveforms": "encode", "edit_hypotheses": "edit",
-          "word_times": "word_timestamps"}  # fmt: skip
+STAGES = {"stft_input": "prepare", "encode_waveforms": "encode", "edit_pass": "edit",
+          "token_log_probs": "word_timestamps", "word_times": "word_timestamps"}  # fmt: skip
 
 
 class FixedEditor:
-    """Within it, g.edit_hypotheses edits fixed hypotheses of round(2.8 x seconds) tokens instead
-    of the encoder's (arbitrary with random weights) and returns them. With `times`, each stage
+    """Within it, g.edit_pass edits fixed hypotheses of round(2.8 x seconds) tokens (or n_tokens)
+    instead of the encoder's, and returns as the editor's tokens their own slots (which collapse
+    back to them) once its pass is done: random weights make the edited ids arbitrary, so the
+    next steps, decoding and word timestamps read the fixed hypotheses. With `times`, each stage
     of g.transcribe_waveforms (STAGES) also waits for the device and adds its seconds there, and
     the stages run one at a time (the next batch's encoder pass is queued after the editor's)."""
 
-    def __init__(self, times=None):
-        self.times, self.functions = times, {name: getattr(g, name) for name in STAGES}
+    def __init__(self, times=None, n_tokens=None):
+        self.times, self.n_tokens = times, n_tokens
+        self.functions = {name: getattr(g, name) for name in STAGES}
 
     def __enter__(self):
-        for name in STAGES if self.times is not None else ["edit_hypotheses"]:
+        for name in STAGES if self.times is not None else ["edit_pass"]:
             setattr(g, name, self.wrap(name))
 
     def __exit__(self, *exc):
@@ -164,21 +155,26 @@ class FixedEditor:
 
     def wrap(self, name):
         def run(*args):
-            tic, queued = time.perf_counter(), None
-            if name == "edit_hypotheses":  # an encoder row is 0.1 s of audio
-                audio_lengths = args[2].tolist()
-                vocab = args[0].args.editor.vocab_size
-                fixed = [fixed_hypothesis(n / 10, vocab=vocab) for n in audio_lengths]
-                queued = args[4] if len(args) > 4 else None
-                args = (*args[:3], fixed, None if self.times is not None else queued)
-            result = self.functions[name](*args)
+            tic = time.perf_counter()
+            if name == "edit_pass":  # an encoder row is 0.1 s of audio
+                model, audio_embeds, audio_lengths, _ = args
+                vocab, blank = model.args.editor.vocab_size, model.args.blank_token_id
+                fixed = [
+                    fixed_hypothesis(n / 10, self.n_tokens, vocab) for n in audio_lengths.tolist()
+                ]
+                tokens, slots = self.functions[name](model, audio_embeds, audio_lengths, fixed)
+                own = g.slot_batch(
+                    fixed, blank, model.args.min_edit_sequence_length, g.shape_steps(model)[1]
+                )[0]
+                result = mx.depends(own, tokens), slots
+            else:
+                result = self.functions[name](*args)
             if self.times is not None:
-                mx.eval([x for x in result if isinstance(x, mx.array)])
+                outputs = result if isinstance(result, tuple) else (result,)
+                mx.eval([x for x in outputs if isinstance(x, mx.array)])
                 stage = STAGES[name]
                 self.times[stage] = self.times.get(stage, 0) + time.perf_counter() - tic
-                if queued:
-                    queued()
-            return args[3] if name == "edit_hypotheses" else result
+            return result
 
         return run
 
@@ -256,31 +252,65 @@ def main():
     }
     if args.clips:
         return throughput(model, tokenizer, args, common)
-    vocab = model.args.editor.vocab_size
+    vocab, timed = model.args.editor.vocab_size, args.word_timestamps
     cases = [(seconds, synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens, vocab))
              for seconds in args.seconds]  # fmt: skip
+    stages = {}  # first, alone in memory: the stage passes, which wait after each stage
+    for seconds, waveform, _ in cases:
+        stages[seconds] = stages_ms(model, tokenizer, [waveform], args.hyp_tokens, timed)
+    # mlx-audio runs beside granite_nar, taking turns, where two copies of the weights fit in
+    # half the memory; otherwise alone, after (two float32 copies do not fit a 24 GB machine)
+    beside = args.peer and 4 * common["weights_gb"] * 1e9 < memory_bytes()
+    peer_model, peer_gb = load_peer(args.model, common["dtype"]) if beside else (None, 0.0)
     for seconds, waveform, hypothesis in cases:
-        row = latency_row(lambda: ours(model, tokenizer, [waveform], [hypothesis]), "granite_nar",
-                          common, seconds, hypothesis, args.reps)  # fmt: skip
-        stages = stages_ms(model, tokenizer, [waveform], [hypothesis], args.word_timestamps)
-        row["stages_ms"] = {stage: round(ms, 2) for stage, ms in stages.items()}
-        print(json.dumps(row), flush=True)
-    if args.peer:  # alone in memory too: granite_nar's weights go first
-        from mlx_audio.stt import load as peer_load
-
-        del model
+        runs = {"granite_nar": lambda: ours(model, tokenizer, [waveform], args.hyp_tokens)}
+        if timed:
+            runs["word_timestamps"] = lambda: ours(
+                model, tokenizer, [waveform], args.hyp_tokens, timed=True
+            )
+        if peer_model:
+            runs["mlx-audio"] = lambda: peer(peer_model, waveform, hypothesis)
+        measured = measure(runs, args.reps)
+        row = latency_row("granite_nar", common, seconds, hypothesis, *measured["granite_nar"])
+        row["peak_mem_gb"] = round(row["peak_mem_gb"] - peer_gb, 3)  # less mlx-audio's weights
+        if timed:  # the whole pass again, with word timestamps
+            row["median_ms_word_timestamps"] = round(1000 * measured["word_timestamps"][0], 2)
+        print(json.dumps({**row, "stages_ms": stages[seconds]}), flush=True)
+        if peer_model:
+            row = latency_row("mlx-audio", common, seconds, hypothesis, *measured["mlx-audio"])
+            row["peak_mem_gb"] = round(row["peak_mem_gb"] - common["weights_gb"], 3)
+            print(json.dumps({**row, "beside": True}), flush=True)
+    if args.peer and not beside:  # alone in memory: granite_nar's weights go first
+        del model, runs
         mx.clear_cache()
-        with tempfile.TemporaryDirectory(prefix="mlx_audio_layout_") as peer_dir:
-            to_mlx_audio_dir(args.model, Path(peer_dir), getattr(mx, common["dtype"]))
-            peer_model = peer_load(peer_dir)
-            mx.eval(peer_model.parameters())  # read before the directory goes
+        peer_model = load_peer(args.model, common["dtype"])[0]
         for seconds, waveform, hypothesis in cases:
             run = lambda: peer(peer_model, waveform, hypothesis)
-            print(json.dumps(latency_row(run, "mlx-audio", common, seconds, hypothesis, args.reps)))
+            row = latency_row(
+                "mlx-audio", common, seconds, hypothesis, *measure({0: run}, args.reps)[0]
+            )
+            print(json.dumps({**row, "beside": False}), flush=True)
 
 
-def latency_row(run, impl, common, seconds, hypothesis, reps):
-    median, peak = measure(run, reps)
+def memory_bytes():
+    """The device's memory (a GPU's own; the machine's RAM for the CPU or unified memory)."""
+    size = mx.device_info().get("memory_size")
+    return size or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_peer(model_dir, dtype):
+    """mlx-audio's model on the same weights, in its layout and the same dtype, and its GB."""
+    from mlx_audio.stt import load as peer_load
+
+    before = mx.get_active_memory()
+    with tempfile.TemporaryDirectory(prefix="mlx_audio_layout_") as peer_dir:
+        to_mlx_audio_dir(model_dir, Path(peer_dir), getattr(mx, dtype))
+        peer_model = peer_load(peer_dir)
+        mx.eval(peer_model.parameters())  # read before the directory goes
+    return peer_model, (mx.get_active_memory() - before) / 1e9
+
+
+def latency_row(impl, common, seconds, hypothesis, median, peak):
     return {"impl": impl, **common, "seconds_audio": seconds, "hyp_tokens": len(hypothesis),
             "median_ms": round(1000 * median, 2), "speed": round(seconds / median, 1),
             "peak_mem_gb": round(peak, 3)}  # fmt: skip

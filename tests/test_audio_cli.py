@@ -316,36 +316,31 @@ def test_batches_keep_to_batch_size_and_batch_seconds(loaded, monkeypatch):
 
 @pytest.mark.parametrize("editing_steps", [1, 2])
 def test_next_encoder_is_queued_behind_the_last_editor_pass(loaded, monkeypatch, editing_steps):
-    # transcribe_stream queues batch k + 1's encoder pass while batch k's last editor pass runs
-    # (inside edit_hypotheses, once that pass is queued); a silent batch has no editor pass
+    # transcribe_stream queues batch k + 1's encoder pass once batch k's last editor pass is
+    # queued, before that pass's output is collapsed; a silent batch has no editor pass
     model, tokenizer = loaded
     speech = g.load_audio(AUDIO)
     audios = [speech[:SR], np.zeros(SR // 2, np.float32), speech[: 2 * SR], speech]
     alone = [g.transcribe(model, tokenizer, x, editing_steps=editing_steps) for x in audios]
-    log, encode, edit = [], g.encode_waveforms, g.edit_hypotheses
+    log = []
 
-    def logged_edit(*args):
-        log.append("edit(")
-        result = edit(*args)
-        log.append(")")
-        return result
+    def logged(name, function):
+        def run(*args):
+            if log[-1:] != [name]:  # a batch's rows are collapsed one by one
+                log.append(name)
+            return function(*args)
 
-    monkeypatch.setattr(g, "encode_waveforms", lambda *a: log.append("encode") or encode(*a))
-    monkeypatch.setattr(g, "edit_hypotheses", logged_edit)
+        return run
+
+    for name in ("encode_waveforms", "edit_pass", "ctc_collapse"):
+        monkeypatch.setattr(g, name, logged(name.split("_")[0], getattr(g, name)))
     texts = g.transcribe(model, tokenizer, audios, batch_size=1, editing_steps=editing_steps)
     assert texts == alone
-    # shortest first: the silent 0.5 s (no encoder, no editor), then 1 s, 2 s, 3.4 s
-    steps = ["edit(", ")"] * (editing_steps - 1)
-    last = lambda inside: ["edit(", *inside, ")"]
-    assert log == [
-        "encode",
-        *steps,
-        *last(["encode"]),
-        *steps,
-        *last(["encode"]),
-        *steps,
-        *last([]),
-    ]
+    # shortest first: the silent 0.5 s (no encoder, no editor), then 1 s, 2 s, 3.4 s; a batch's
+    # editor output and the next batch's encoder hypothesis are collapsed in one run of calls
+    steps = [*["edit", "ctc"] * (editing_steps - 1), "edit"]
+    each = ["encode", "ctc", *steps]
+    assert log == [*each, *each, *each, "ctc"]
 
 
 # ---- iterative editing ----

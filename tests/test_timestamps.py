@@ -600,6 +600,13 @@ def test_segments_keep_window_boundaries(loaded, multi_window):
     assert " ".join(texts(timed["segments"])).split() == timed["text"].split()
 
 
+def window_words(model, tokenizer, logits, ids):
+    """word_times of one window: BPE CTC logits (F, vocab) and its final ids, also its tokens."""
+    tokens = mx.array(np.array(ids, np.int32)[None])
+    log_probs = g.token_log_probs(logits[None], tokens, model.args.blank_token_id)
+    return g.word_times(model, tokenizer, log_probs, tokens, [logits.shape[0]], [ids])[0]
+
+
 def test_word_times_spread_when_no_path(loaded):
     model, tokenizer = loaded
     logits = mx.array(
@@ -607,7 +614,7 @@ def test_word_times_spread_when_no_path(loaded):
     )
     ids = list(range(10, 16))  # 6 tokens, 3 frames: no path fits
     assert g.ctc_align(np.array(logits), ids, model.args.blank_token_id) is None
-    words = g.word_times(model, tokenizer, logits[None], [3], [ids])[0]
+    words = window_words(model, tokenizer, logits, ids)
     assert "".join(w["word"] for w in words) == tokenizer.decode(ids)
     assert all(w["confidence"] is None for w in words)
     assert words[0]["start"] == 0 and words[-1]["end"] == pytest.approx(3 * FRAME)
@@ -620,15 +627,12 @@ def test_word_times_aligned(loaded):
     blank, vocab = model.args.blank_token_id, model.args.encoder.bpe_output_dim
     ids = [10, 11, 11, 12]
     logits = planted(12, vocab, ids, [(1, 3), (4, 5), (6, 8), (9, 12)], blank)
-    words = g.word_times(model, tokenizer, mx.array(logits.astype(np.float32))[None], [12], [ids])[
-        0
-    ]
+    words = window_words(model, tokenizer, mx.array(logits.astype(np.float32)), ids)
     pieces = [tokenizer.token_bytes(i) for i in ids]
     assert "".join(w["word"] for w in words) == b"".join(pieces).decode(errors="replace")
     assert words[0]["start"] == pytest.approx(FRAME) and words[-1]["end"] == pytest.approx(0.96)
     assert all(0.95 < w["confidence"] <= 1 for w in words)  # e^10 against 356 e^0
-    special = g.word_times(model, tokenizer, mx.array(logits.astype(np.float32))[None], [12],
-                           [[10, 11, 356, 12]])[0]  # fmt: skip
+    special = window_words(model, tokenizer, mx.array(logits.astype(np.float32)), [10, 11, 356, 12])
     assert "".join(w["word"] for w in special) == tokenizer.decode([10, 11, 12])
 
 
@@ -637,10 +641,10 @@ def test_word_times_empty_hypothesis(loaded, monkeypatch):
     # nothing; its words are none.
     model, tokenizer = loaded
     logits = mx.zeros((10, model.args.encoder.bpe_output_dim))
-    assert g.word_times(model, tokenizer, logits[None], [10], [[]]) == [[]]
-    monkeypatch.setattr(
-        g, "edit_hypotheses", lambda model, e, l, hypotheses, *rest: [[] for _ in hypotheses]
-    )
+    assert window_words(model, tokenizer, logits, []) == []
+    blank = model.args.blank_token_id
+    only_blanks = lambda model, e, l, hypotheses: (mx.full((len(hypotheses), 8), blank), [8])
+    monkeypatch.setattr(g, "edit_pass", only_blanks)
     assert g.transcribe(model, tokenizer, AUDIO, word_timestamps=True) == {
         "text": "",
         "segments": [],
