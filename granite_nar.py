@@ -956,15 +956,18 @@ def default_dtype():
 def load(path, dtype=None, dequantize=None):
     """A model directory or Hub repo id (a convert.py output, an upstream checkpoint in either
     layout, an mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in dtype (default:
-    default_dtype()). With `dequantize` (default: on a CPU, whose quantized matmuls are slow) a
-    quantized editor is dequantized to dtype at load, computing exactly what its layers would."""
+    default_dtype()). With `dequantize` (default: where MLX's quantized matmuls are slower than
+    dense ones, on a CPU or an NVIDIA GPU) a quantized editor is dequantized to dtype at load,
+    computing exactly what its layers would."""
     path = model_path(path)
     config, model, weights = read_checkpoint(path)
     q, dtype = config.get("quantization"), dtype or default_dtype()
     if bool(q) != any(k.endswith(".scales") for k in weights):
         found = "unquantized" if q else "quantized"
         raise ValueError(f"{path}: config.json's quantization is {q}, but the tensors are {found}")
-    if q and (mx.default_device() == mx.cpu if dequantize is None else dequantize):
+    if dequantize is None:  # Apple GPUs are where quantized matmuls pay
+        dequantize = mx.default_device() == mx.cpu or mx.cuda.is_available()
+    if q and dequantize:
         for name in [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]:
             s, b = (weights.pop(f"{name}.{p}", None) for p in ("scales", "biases"))
             s, b = s.astype(dtype), b if b is None else b.astype(dtype)  # in dtype, as a layer
@@ -973,8 +976,8 @@ def load(path, dtype=None, dequantize=None):
                                                       mode=q.get("mode", "affine"))  # fmt: skip
             mx.eval(weights[f"{name}.weight"])
         warnings.warn(
-            f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's "
-            "CPU quantized matmuls are slow; load(..., dequantize=False) keeps it)"
+            f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's quantized "
+            "matmuls are slower here; load(..., dequantize=False) keeps them)"
         )
     elif q:  # rebuild exactly the layers stored quantized
         nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),

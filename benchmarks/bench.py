@@ -39,6 +39,7 @@ import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
 
 # isort: split
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
 
@@ -234,6 +235,8 @@ def main():
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: granite_nar's)",
     )
+    add("--keep-quantized", action="store_true",
+        help="keep quantized layers quantized (g.load(..., dequantize=False))")  # fmt: skip
     add("--peer", action="store_true", help="also time mlx-audio on the same weights")
     add("--clips", type=int, help="time throughput instead, over this many LibriSpeech-like clips")
     add("--batch-sizes", type=int, nargs="+", default=[32, 128], help="throughput: batch sizes")
@@ -242,12 +245,15 @@ def main():
     add("--word-timestamps", action="store_true", help="also time word timestamps (ctc_align)")
     args = parser.parse_args()
 
-    model, tokenizer = g.load(args.model, getattr(mx, args.dtype) if args.dtype else None)
+    dtype = getattr(mx, args.dtype) if args.dtype else None
+    model, tokenizer = g.load(args.model, dtype, dequantize=False if args.keep_quantized else None)
     quantization = json.loads((args.model / "config.json").read_text()).get("quantization")
     common = {
         "backend": "gpu" if mx.default_device() == mx.gpu else "cpu",
         "dtype": str(model.dtype).split(".")[-1],
         "bits": quantization["bits"] if quantization else None,
+        "dequantized": bool(quantization)
+        and not any(isinstance(m, nn.QuantizedLinear) for m in model.modules()),
         "weights_gb": round(mx.get_active_memory() / 1e9, 3),
     }
     if args.clips:
