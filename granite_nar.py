@@ -1236,15 +1236,16 @@ def prepare_batch(waveforms):
 
 
 def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False,
-                         encoded=None, queued=None):  # fmt: skip
-    """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone (with
-    word_timestamps, (text, words) pairs: word_times). The first editor pass reads the encoder's
-    hypothesis, each further one the last pass's output, over the same audio embeddings
-    (upstream generate(num_editing_steps)). Short or silent audio: "". encoded: encode_batch's
+                         encoded=None, queued=None, aligner=None):  # fmt: skip
+    """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone; with
+    word_timestamps, (texts, words): each one's word_times, or with `aligner` (an executor) a
+    Future of them, aligned there. The first editor pass reads the encoder's hypothesis, each
+    further one the last pass's output, over the same audio embeddings (upstream
+    generate(num_editing_steps)). Short or silent audio: "", no words. encoded: encode_batch's
     result for these waveforms, when queued beforehand; queued: called once the last editor pass
     is queued (transcribe_stream queues the next batch's encoder pass there)."""
     live, encoded = encoded or encode_batch(model, prepare_batch(waveforms))
-    texts = [("", []) if word_timestamps else ""] * len(waveforms)
+    texts = [""] * len(waveforms)
     if live:
         best, bpe_logits, frames, audio_embeds, audio_lengths = encoded
         if not word_timestamps:  # a large batch's BPE logits take GBs: not through the editor
@@ -1259,13 +1260,20 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_time
                 queued()
             tokens = np.array(tokens)
             hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(tokens, slots)]
-        decoded = [tokenizer.decode(ids) for ids in hypotheses]
-        if word_timestamps:
-            words = word_times(model, tokenizer, log_probs, tokens, frames, hypotheses)
-            decoded = list(zip(decoded, words))
-        for i, text in zip(live, decoded):
-            texts[i] = text
-    return texts
+        for i, ids in zip(live, hypotheses):
+            texts[i] = tokenizer.decode(ids)
+    if not word_timestamps:
+        return texts
+
+    def align():
+        words = [[] for _ in waveforms]
+        if live:
+            timed = word_times(model, tokenizer, log_probs, tokens, frames, hypotheses)
+            for i, window in zip(live, timed):
+                words[i] = window
+        return words
+
+    return texts, aligner.submit(align) if aligner else align()
 
 
 @dataclass
@@ -1343,28 +1351,39 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         item = reads.pop(0).result()
         return item and (item[0], encode_batch(model, item[1]))
 
+    def finished(batch, texts, share):  # a batch's Windows, once its words are aligned
+        texts, words = texts if word_timestamps else (texts, None)
+        words = words.result() if word_timestamps else [None] * len(batch)
+        for (i, start, w, last), text, words in zip(batch, texts, words):
+            t0 = start / SAMPLE_RATE  # the window's words, in the input's time
+            words = words and _shift(words, t0, len(w) / SAMPLE_RATE)
+            yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), words)
+
     budget = batch_seconds * SAMPLE_RATE
     # A reader thread reads and prepares the next two batches while the device works, and the
     # next batch's encoder pass is queued behind this batch's last editor pass: the device works
-    # while the host finishes this batch.
-    with ThreadPoolExecutor(1) as reader:
+    # while the host finishes this batch. The host cannot queue far ahead of the device, so word
+    # times are aligned in a thread too, while the next batch's passes are queued, and a batch's
+    # windows come once the next batch is done.
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as aligner:
         stream, tic = batches(), time.perf_counter()
         reads = [reader.submit(next, stream, None) for _ in range(2)]
-        current = queue_next()
+        current, done = queue_next(), None
         while current:
             batch, encoded = current
             waveforms, upcoming = [w for _, _, w, _ in batch], []
             texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps,
                                          word_timestamps, encoded,
-                                         lambda: upcoming.append(queue_next()))  # fmt: skip
+                                         lambda: upcoming.append(queue_next()),
+                                         aligner)  # fmt: skip
             current = upcoming[0] if upcoming else queue_next()  # a silent batch: no editor
             share = (time.perf_counter() - tic) / max(1, sum(map(len, waveforms)))
             tic = time.perf_counter()
-            for (i, start, w, last), text in zip(batch, texts):
-                text, words = text if word_timestamps else (text, None)
-                t0 = start / SAMPLE_RATE  # the window's words, in the input's time
-                words = words and _shift(words, t0, len(w) / SAMPLE_RATE)
-                yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), words)
+            if done:
+                yield from finished(*done)
+            done = batch, texts, share
+        if done:
+            yield from finished(*done)
 
 
 def _shift(words, start, seconds):

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import wave
 from pathlib import Path
 
@@ -341,6 +342,31 @@ def test_next_encoder_is_queued_behind_the_last_editor_pass(loaded, monkeypatch,
     steps = [*["edit", "ctc"] * (editing_steps - 1), "edit"]
     each = ["encode", "ctc", *steps]
     assert log == [*each, *each, *each, "ctc"]
+
+
+def test_word_times_are_aligned_in_a_thread_while_the_next_batch_runs(loaded, monkeypatch):
+    # the host cannot queue far ahead of the device: a batch's words are aligned in a thread,
+    # and its windows come once the next batch is done
+    model, tokenizer = loaded
+    speech = g.load_audio(AUDIO)
+    audios = [speech[:SR], speech[: 2 * SR], speech]
+    alone = [g.transcribe(model, tokenizer, x, word_timestamps=True) for x in audios]
+    log, threads, word_times, transcribe_waveforms = [], [], g.word_times, g.transcribe_waveforms
+
+    def aligned(*args):
+        threads.append(threading.current_thread())
+        return word_times(*args)
+
+    monkeypatch.setattr(g, "word_times", aligned)
+    monkeypatch.setattr(
+        g, "transcribe_waveforms", lambda *a: log.append("batch") or transcribe_waveforms(*a)
+    )
+    for w in g.transcribe_stream(model, tokenizer, audios, batch_size=1, word_timestamps=True):
+        log.append("window")
+        assert w.text == alone[w.index]["text"]
+        assert w.words == [x for s in alone[w.index]["segments"] for x in s["words"]]
+    assert log == ["batch", "batch", "window", "batch", "window", "window"]
+    assert len(threads) == 3 and threading.main_thread() not in threads
 
 
 # ---- iterative editing ----

@@ -551,7 +551,8 @@ def test_stream_words_per_window(loaded, multi_window):
         # special tokens have no bytes; a window after the first begins a new word
         words = [x["word"] for x in w.words]
         assert "".join(words) == (" " if w.start > 0 and w.text[:1] != " " else "") + w.text
-        text, alone = g.transcribe_waveforms(model, tokenizer, [piece], word_timestamps=True)[0]
+        texts, timed = g.transcribe_waveforms(model, tokenizer, [piece], word_timestamps=True)
+        text, alone = texts[0], timed[0]
         assert w.text == text
         assert [x.strip() for x in words] == [x["word"].strip() for x in alone]
         for x, y in zip(w.words, alone):  # times in the input's, within the window
