@@ -1306,9 +1306,9 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
     """Transcribe every window of every input (see transcribe), the inputs shortest first (a batch
     of like lengths pads less), in batches of at most batch_size windows and batch_seconds of
     audio counted padded (a longer window goes alone), reading as it goes: the next two batches
-    are read and prepared while this one runs. Yields a Window as its batch finishes; an input's
-    windows come in order. A reading error raises, or with an `errors` dict is stored there by
-    index."""
+    are read and prepared while this one runs. Yields a batch's Windows once the next batch has
+    run (its words are aligned meanwhile); an input's windows come in order. A reading error
+    raises, or with an `errors` dict is stored there by index."""
     for name, value in (("batch_size", batch_size), ("editing_steps", editing_steps)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -1352,12 +1352,13 @@ def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BAT
         return item and (item[0], encode_batch(model, item[1]))
 
     def finished(batch, texts, share):  # a batch's Windows, once its words are aligned
-        texts, words = texts if word_timestamps else (texts, None)
-        words = words.result() if word_timestamps else [None] * len(batch)
-        for (i, start, w, last), text, words in zip(batch, texts, words):
+        words = [None] * len(batch)
+        if word_timestamps:
+            texts, words = texts[0], texts[1].result()
+        for (i, start, w, last), text, timed in zip(batch, texts, words):
             t0 = start / SAMPLE_RATE  # the window's words, in the input's time
-            words = words and _shift(words, t0, len(w) / SAMPLE_RATE)
-            yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), words)
+            timed = timed and _shift(timed, t0, len(w) / SAMPLE_RATE)
+            yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), timed)
 
     budget = batch_seconds * SAMPLE_RATE
     # A reader thread reads and prepares the next two batches while the device works, and the

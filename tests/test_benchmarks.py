@@ -54,7 +54,14 @@ def test_bench_prints_one_json_line_per_case(small_model):
 def test_bench_word_timestamps_add_a_stage_and_rows(small_model):
     args = ("--model", small_model, "--word-timestamps")
     row = json.loads(run("benchmarks/bench.py", *args, "--seconds", "2", "--reps", "1"))
-    assert list(row["stages_ms"]) == ["prepare", "encode", "edit", "word_timestamps", "rest"]
+    assert list(row["stages_ms"]) == [
+        "prepare",
+        "encode",
+        "edit",
+        "word_timestamps",
+        "alignment",
+        "rest",
+    ]
     assert row["median_ms_word_timestamps"] > 0
     lines = run("benchmarks/bench.py", *args, "--clips", "3", "--batch-sizes", "2").splitlines()
     assert [json.loads(line)["word_timestamps"] for line in lines] == [False, True]
