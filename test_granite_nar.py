@@ -629,7 +629,8 @@ def test_quantized_cli_transcribes(model_dir, quantized):
     bits, q_dir = quantized
     reference = _dequantized_editor_model(model_dir, bits)
     expected = g.transcribe(reference, g.Tokenizer(model_dir), FIXTURE / "audio.wav")
-    result = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", q_dir)
+    # float32 as the reference (a GPU's default is bfloat16)
+    result = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", q_dir, "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
