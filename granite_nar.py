@@ -1162,8 +1162,8 @@ def encode_batch(model, prepared):
 
 def edit_pass(model, audio_embeds, audio_lengths, hypotheses):
     """One editor pass over a batch, queued on the device (mx.async_eval), not waited for: the
-    editor's best token in each slot (B, S) and each hypothesis's slots. The CTC collapse of a
-    row's slots is that hypothesis edited."""
+    editor's best token in each slot (B, S) and each hypothesis's count of slots. The CTC
+    collapse of a row's slots is that hypothesis edited."""
     blank, slot_step = model.args.blank_token_id, shape_steps(model)[1]
     ids, lengths = slot_batch(hypotheses, blank, model.args.min_edit_sequence_length, slot_step)
     # MLX's CUDA quantized matmul fails past 2^31 output elements: large batches go in parts

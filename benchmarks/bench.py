@@ -109,10 +109,9 @@ def peer(model, waveform, hypothesis):
     return model._tokenizer.decode([int(t) for t in ids.tolist()], skip_special_tokens=True)
 
 
-def measure(runs, reps, others_gb=0.0):
+def measure(runs, reps):
     """{name: run} -> {name: (median seconds, peak GB)}: a warm-up of each, then `reps` rounds in
-    which the runs take turns, so that each sees the machine as the others do. others_gb: the
-    weights of implementations loaded beside (taken off each run's peak)."""
+    which the runs take turns, so that each sees the machine as the others do."""
     for run in runs.values():
         run()  # kernels, compilation, allocator
     times, peaks = {name: [] for name in runs}, dict.fromkeys(runs, 0.0)
@@ -122,7 +121,7 @@ def measure(runs, reps, others_gb=0.0):
             tic = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - tic)
-            peaks[name] = max(peaks[name], mx.get_peak_memory() / 1e9 - others_gb)
+            peaks[name] = max(peaks[name], mx.get_peak_memory() / 1e9)
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
@@ -296,10 +295,10 @@ def main():
         mx.clear_cache()
         peer_model = load_peer(args.model, common["dtype"])[0]
         for seconds, waveform, hypothesis in cases:
-            run = lambda: peer(peer_model, waveform, hypothesis)
-            row = latency_row(
-                "mlx-audio", common, seconds, hypothesis, *measure({0: run}, args.reps)[0]
+            measured = measure(
+                {"mlx-audio": lambda: peer(peer_model, waveform, hypothesis)}, args.reps
             )
+            row = latency_row("mlx-audio", common, seconds, hypothesis, *measured["mlx-audio"])
             print(json.dumps({**row, "beside": False}), flush=True)
 
 

@@ -83,6 +83,16 @@ def test_bench_throughput_prints_one_line_per_batch_size(small_model):
         assert all(ms >= 0 for ms in row["stages_ms"].values())
 
 
+def test_bench_keep_quantized(small_model, tmp_path):
+    q_dir = tmp_path / "q5"
+    ckpt = small_model.parent / "ckpt"
+    run("convert.py", "--hf-path", ckpt, "--mlx-path", q_dir, "-q", "--q-group-size", "32")
+    args = ("benchmarks/bench.py", "--model", q_dir, "--seconds", "1", "--reps", "1")
+    for extra, dequantized in (((), True), (("--keep-quantized",), False)):
+        row = json.loads(run(*args, *extra))  # dequantized by default on a CPU
+        assert row["bits"] == 5 and row["dequantized"] == dequantized
+
+
 def test_fidelity_reports_granite_nar_exact_and_cleans_up(tmp_path):
     out = run("benchmarks/fidelity.py", TMPDIR=tmp_path)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
