@@ -1555,7 +1555,8 @@ def _parse_args():
     add("--output-dir", type=Path, metavar="DIR", help="also write DIR/<input path>.txt, ...")
     add("--dtype", choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)")  # fmt: skip
-    add("--verbose", action="store_true", help="also print the load time and a summary to stderr")
+    add("--verbose", action="store_true",
+        help="also print the load time, a summary and any dequantization to stderr")  # fmt: skip
     add("--quiet", action="store_true", help="print only transcripts and errors")
     add("--word-timestamps", action="store_true", help="json: add segments with timed words")
     add("--skip-existing", action="store_true", help="skip files whose --output-dir output exists")
@@ -1584,6 +1585,8 @@ def _parse_args():
 def main():
     args = _parse_args()
     warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+    if not args.verbose:  # the default model is quantized: its dequantization is no news
+        warnings.filterwarnings("ignore", ".*-bit layers are dequantized")
     if not HAS_OPENBLAS and mx.default_device() == mx.cpu and not args.quiet:
         print("note: OpenBLAS not found, CPU matmuls will be slow "
               "(apt-get install -y libopenblas0-pthread)", file=sys.stderr)  # fmt: skip

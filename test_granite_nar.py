@@ -633,6 +633,12 @@ def test_quantized_cli_transcribes(model_dir, quantized):
     result = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", q_dir, "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+    # where the layers are dequantized (a CPU, an NVIDIA GPU), only --verbose says so
+    assert "dequantized" not in result.stderr
+    verbose = _run("granite_nar.py", FIXTURE / "audio.wav", "--model", q_dir, "--verbose")
+    dequantized = mx.default_device() == mx.cpu or mx.cuda.is_available()
+    assert verbose.returncode == 0
+    assert (f"{bits}-bit layers are dequantized" in verbose.stderr) == dequantized
 
 
 def test_quantize_scope_all(tmp_path):
