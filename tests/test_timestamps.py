@@ -637,6 +637,25 @@ def test_word_times_aligned(loaded):
     assert "".join(w["word"] for w in special) == tokenizer.decode([10, 11, 12])
 
 
+def test_word_times_read_the_ids_among_any_tokens(loaded):
+    # transcription hands word_times the editor's best token in every slot: blanks, repeats and
+    # other tokens around the final ids; token_log_probs is the log-softmax of those columns
+    model, tokenizer = loaded
+    blank, vocab = model.args.blank_token_id, model.args.encoder.bpe_output_dim
+    ids = [10, 11, 11, 12]
+    logits = planted(12, vocab, ids, [(1, 3), (4, 5), (6, 8), (9, 12)], blank).astype(np.float32)
+    slots = [blank, 10, blank, 11, 5, 11, blank, 12, 12, blank]
+    tokens = mx.array([slots])
+    log_probs = np.array(g.token_log_probs(mx.array(logits)[None], tokens, blank))
+    x = logits.astype(np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    reference = x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+    assert log_probs.shape == (1, 12, 1 + len(slots))
+    np.testing.assert_allclose(log_probs[0], reference[:, [blank, *slots]], atol=1e-5)
+    words = g.word_times(model, tokenizer, log_probs, tokens, [12], [ids])[0]
+    assert words == window_words(model, tokenizer, mx.array(logits), ids)
+
+
 def test_word_times_empty_hypothesis(loaded, monkeypatch):
     # An empty hypothesis is reached whenever a non-silent window's editor output collapses to
     # nothing; its words are none.
