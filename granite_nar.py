@@ -1248,8 +1248,6 @@ def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_time
     texts = [""] * len(waveforms)
     if live:
         best, bpe_logits, frames, audio_embeds, audio_lengths = encoded
-        if not word_timestamps:  # a large batch's BPE logits take GBs: not through the editor
-            bpe_logits = None
         blank = model.args.blank_token_id
         hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(np.array(best), frames)]
         for step in range(1, editing_steps + 1):
