@@ -42,22 +42,8 @@ import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
 # isort: split
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
+from clips import fixed_hypothesis, librispeech_like_lengths, synthetic_audio  # noqa: E402
 from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
-
-
-def synthetic_audio(seconds, seed=0):
-    """Noise bursts at a syllable rate: deterministic, speech-like in level, 16 kHz."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * g.SAMPLE_RATE)) / g.SAMPLE_RATE
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
-    return (0.1 * envelope * rng.standard_normal(t.size)).astype(np.float32)
-
-
-def fixed_hypothesis(seconds, n_tokens=None, vocab=100352):
-    """round(2.8 x seconds) (or n_tokens) token ids, the same for every run (below vocab)."""
-    n = round(2.8 * seconds) if n_tokens is None else n_tokens
-    return [(1000 + 7 * i % 5000) % vocab for i in range(n)]
 
 
 def ours(model, tokenizer, waveforms, n_tokens=None, timed=False, times=None):
@@ -123,12 +109,6 @@ def measure(runs, reps):
             times[name].append(time.perf_counter() - tic)
             peaks[name] = max(peaks[name], mx.get_peak_memory() / 1e9)
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
-
-
-def librispeech_like_lengths(n, seed=0):
-    """n clip lengths in seconds, log-normal like LibriSpeech utterances: 2 to 35 s, mean ~7 s."""
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.lognormal(np.log(5.5), 0.65, n), 2.0, 35.0).round(2)
 
 
 STAGES = {"stft_input": "prepare", "encode_waveforms": "encode", "edit_pass": "edit",

@@ -28,7 +28,7 @@ import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
-from bench import fixed_hypothesis, synthetic_audio  # noqa: E402
+from clips import fixed_hypothesis, synthetic_audio  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 
