@@ -74,10 +74,13 @@ class Upstream:
             for key, tensor in load_file(path).items():
                 old, new = next(((o, n) for o, n in RENAMES if key.startswith(o)), ("", ""))
                 weights[new + key[len(old) :]] = tensor
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            sys.exit(f"upstream.py: {checkpoint}: unexpected {unexpected}, missing {missing}")
-        self.model.lm_head.weight = self.model.model.language_model.embed_tokens.weight  # tied
+        embeddings = "model.language_model.embed_tokens.weight"
+        weights.setdefault("lm_head.weight", weights.get(embeddings))  # tied, usually not stored
+        try:
+            self.model.load_state_dict(weights)
+        except (RuntimeError, TypeError) as error:
+            sys.exit(f"upstream.py: {checkpoint} does not fit the model: {error}")
+        self.model.lm_head.weight = self.model.model.language_model.embed_tokens.weight
         self.fixed = FixedHypotheses(self.model)
         self.features = feature_extraction.GraniteSpeechNarFeatureExtractor(
             **json.loads((checkpoint / "preprocessor_config.json").read_text())
@@ -87,7 +90,8 @@ class Upstream:
 
     def transcribe(self, waveforms):
         """16 kHz waveforms (numpy) -> texts, as one padded batch, with fixed hypotheses."""
-        self.fixed.seconds = [len(w) // 320 // 5 / 10 for w in waveforms]  # bench.py's rows
+        rate = self.model.config.projector_config.downsample_rate  # bench.py's editor rows
+        self.fixed.seconds = [len(w) // 320 // rate / 10 for w in waveforms]
         inputs = self.features([torch.from_numpy(w) for w in waveforms], device=self.device)
         out = self.model.generate(inputs["input_features"], inputs["attention_mask"])
         return [self.tokenizer.decode(p.tolist(), skip_special_tokens=True) for p in out.preds]
@@ -106,7 +110,7 @@ def timed(run):
 
 
 def peak_gb():
-    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+    return round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None
 
 
 def reset_peak():
