@@ -1141,9 +1141,10 @@ def encode_waveforms(model, stft):
     of them, audio embeddings (B, A, llm_dim) and each one's rows of them."""
     args, frame_step = model.args, shape_steps(model)[0]
     x, lengths = stft
-    features = _log_mel(x, mx.array(lengths))
+    encoder_frames = mx.array(lengths)
+    features = _log_mel(x, encoder_frames)
     T = -(-features.shape[1] // frame_step) * frame_step
-    mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
+    mask = None if min(lengths) == T else mx.arange(T) < encoder_frames[:, None]
     bpe_logits, audio_embeds = model.compiled_encode(
         pad_rows(features, T).astype(model.dtype), mask
     )
