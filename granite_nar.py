@@ -218,7 +218,9 @@ def _log_mel(x, lengths):  # (B, n + N_FFT) padded waveforms, (B,) frames -> (B,
 
 
 def pad_rows(x, n):
-    """(B, T, ...) -> (B, n, ...) with zero rows after row T."""
+    """(B, T, ...) -> (B, n, ...) with zero rows after row T (mx.pad copies even when T == n)."""
+    if n == x.shape[1]:
+        return x
     return mx.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
@@ -252,31 +254,33 @@ class ConformerAttention(nn.Module):
         self.to_kv = nn.Linear(args.hidden_dim, 2 * inner, bias=False)  # rows: K, then V
         self.to_out = nn.Linear(inner, args.hidden_dim)
         self.rel_pos_emb = nn.Embedding(2 * args.max_pos_emb + 1, args.dim_head)
-        # The table rows of the distances C - 1 down to 1 - C, clipped to the table
+        # The table rows of the distances C - 1 down to -C, clipped to the table: the 2C - 1 that
+        # occur and one more, so that each row of the Shaw matmul's output has an even length
+        # (the fast matmul kernels need it; benchmarks/README.md)
         P = args.max_pos_emb
-        self._distances = mx.array(np.clip(np.arange(C - 1, -C, -1), -P, P) + P)
+        self._distances = mx.array(np.clip(np.arange(C - 1, -C - 1, -1), -P, P) + P)
 
     def __call__(self, x, mask=None):  # (B, T, D), mask (B, T) True on real frames -> (B, T, D)
         B, T, _ = x.shape
-        C, H, W = self.context_size, self.num_heads, 2 * self.context_size - 1
-        n = -(-T // C)  # blocks; upstream pads the last with zero rows after the norm
-        h = self.pre_norm(x)
-        blocks = lambda a: a.reshape(B, n, C, H, -1).transpose(0, 1, 3, 2, 4)  # (B, n, H, C, d)
-        q = blocks(pad_rows(self.to_q(h), n * C))
-        k, v = (blocks(a) for a in mx.split(pad_rows(self.to_kv(h), n * C), 2, axis=-1))
+        C, H, W = self.context_size, self.num_heads, 2 * self.context_size
+        n = -(-T // C)  # blocks; the last is padded with zero rows after the norm, as upstream
+        h = pad_rows(self.pre_norm(x), n * C)
+        q, kv = self.to_q(h), self.to_kv(h)  # (B, nC, H * d), (B, nC, 2 * H * d)
 
         # Shaw term: scores[c, r] += scale * q_c . rel_pos_emb[c - r]. One matmul of q against
         # every distance puts it at [c, C - 1 - c + r]; a strided view that starts each row one
         # element further left lines the keys up (a gather would cost several times more)
-        shaw = q @ self.rel_pos_emb.weight[self._distances].T  # (B, n, H, C, 2C - 1)
-        strides = (n * H * C * W, H * C * W, C * W, W - 1, 1)
+        shaw = q.reshape(B, n * C, H, -1) @ self.rel_pos_emb.weight[self._distances].T
+        strides = (n * C * H * W, C * H * W, W, H * W - 1, 1)  # (B, nC, H, W) as (B, n, H, C, C)
         bias = mx.as_strided(shaw, (B, n, H, C, C), strides, C - 1) * self.scale
         if mask is not None or n * C > T:  # padded frames: -max instead of the position term
             real = mx.arange(n * C)[None] < T if mask is None else pad_rows(mask, n * C)
             real = real.reshape(-1, n, 1, C)
             bias = mx.where(real[..., :, None] & real[..., None, :], bias, mx.finfo(bias.dtype).min)
 
-        q, k, v = (a.reshape(B * n, H, C, -1) for a in (q, k, v))
+        blocks = lambda a: a.reshape(B, n, C, H, -1).transpose(0, 1, 3, 2, 4)  # (B, n, H, C, d)
+        k, v = mx.split(kv, 2, axis=-1)
+        q, k, v = (blocks(a).reshape(B * n, H, C, -1) for a in (q, k, v))
         mask = bias.reshape(B * n, H, C, C)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.reshape(B, n, H, C, -1).transpose(0, 1, 3, 2, 4).reshape(B, n * C, -1)
@@ -288,16 +292,17 @@ class ConformerConvModule(nn.Module):
         super().__init__()
         dim, inner = args.hidden_dim, args.hidden_dim * args.conv_expansion_factor
         K = args.conv_kernel_size
-        self.padding = (K // 2, K // 2 - (K + 1) % 2)  # the same length out, also for even K
         self.norm = nn.LayerNorm(dim)
         self.up_conv = nn.Linear(dim, 2 * inner)  # the pointwise (kernel 1) convs are Linears
-        self.depth_conv = nn.Conv1d(inner, inner, K, groups=inner, bias=False)
+        # Upstream pads K // 2 before and K // 2 - 1 after for an even K: this pads K // 2 on
+        # both sides and drops the one extra output
+        self.depth_conv = nn.Conv1d(inner, inner, K, padding=K // 2, groups=inner, bias=False)
         self.batch_norm = nn.BatchNorm(inner)
         self.down_conv = nn.Linear(inner, dim)
 
     def __call__(self, x, mask=None):  # (B, T, D) -> (B, T, D), over the whole utterance
         h = zero_padding(nn.glu(self.up_conv(self.norm(x))), mask)  # zeros past each end
-        h = self.depth_conv(mx.pad(h, [(0, 0), self.padding, (0, 0)]))
+        h = self.depth_conv(h)[:, : x.shape[1]]
         return self.down_conv(nn.silu(self.batch_norm(h)))
 
 
