@@ -455,20 +455,21 @@ class EditorAttention(nn.Module):
     def __init__(self, args: EditorArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
-        dim, head_dim = args.hidden_size, args.hidden_size // args.num_attention_heads
+        dim, self.head_dim = args.hidden_size, args.hidden_size // args.num_attention_heads
         self.scale = args.attention_multiplier  # Granite's, instead of 1 / sqrt(head_dim)
-        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
-        self.rope = nn.RoPE(head_dim, traditional=False, base=args.rope_theta)  # rotates halves
+        # q_proj, k_proj and v_proj, stacked (sanitize): one matmul instead of three
+        n_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(dim, n_out, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.rope = nn.RoPE(self.head_dim, traditional=False, base=args.rope_theta)  # halves
 
     def __call__(self, x, mask=None):  # (B, S, hidden) -> (B, S, hidden)
         B, S, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, S, d)
-        k = k.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, H_kv, S, d)
-        v = v.reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        H, H_kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = mx.split(self.qkv_proj(x), [H * d, (H + H_kv) * d], axis=-1)
+        q = q.reshape(B, S, H, d).transpose(0, 2, 1, 3)  # (B, H, S, d)
+        k = k.reshape(B, S, H_kv, d).transpose(0, 2, 1, 3)  # (B, H_kv, S, d)
+        v = v.reshape(B, S, H_kv, d).transpose(0, 2, 1, 3)
         q, k = self.rope(q), self.rope(k)  # positions 0..S-1 over [audio | text]
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
@@ -477,12 +478,13 @@ class EditorAttention(nn.Module):
 class EditorMLP(nn.Module):
     def __init__(self, args: EditorArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        dim, inner = args.hidden_size, args.intermediate_size
+        self.gate_up_proj = nn.Linear(dim, 2 * inner, bias=False)  # gate_proj, up_proj (sanitize)
+        self.down_proj = nn.Linear(inner, dim, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(nn.silu(gate) * up)
 
 
 class EditorLayer(nn.Module):
@@ -815,6 +817,10 @@ PREFIXES = (
 )
 RENAMES = ((".depth_conv.conv.", ".depth_conv."), (".conv.bn.", ".conv.batch_norm."))
 RENAMES += ((".cross_attn.", ".cross_attention."),)
+STACKED = (
+    (".qkv_proj.", ".q_proj.", ".k_proj.", ".v_proj."),
+    (".gate_up_proj.", ".gate_proj.", ".up_proj."),
+)
 NATIVE_KEYS = {  # the transformers-native config.json's keys -> the original layout's
     "encoder_config": {"vocabulary_size": "bpe_output_dim", "pooling_window": "bpe_pooling_window"},
     "projector_config": {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
@@ -859,6 +865,18 @@ def sanitize(weights):
         elif key.endswith("depth_conv.weight"):
             value = value.reshape(value.shape[0], -1, 1)  # (C, 1, K) or MLX (C, K, 1): MLX
         out[key] = value
+    # The editor's projections of one input, stacked along their outputs (quantized ones too):
+    # one matmul instead of two or three, which pays at batch 1 on a GPU (benchmarks/README.md)
+    for stacked, first, *rest in STACKED:
+        for key in [k for k in out if k.startswith("editor.") and first in k]:
+            parts = [key] + [key.replace(first, name) for name in rest]
+            if missing := [part for part in parts if part not in out]:
+                raise ValueError(f"weights do not match config.json: {len(missing)} missing: "
+                                 + ", ".join(missing))  # fmt: skip
+            if len({out[part].shape[1:] for part in parts}) > 1:
+                shapes = ", ".join(f"{part} {tuple(out[part].shape)}" for part in parts)
+                raise ValueError(f"weights do not match config.json: mis-shaped: {shapes}")
+            out[key.replace(first, stacked)] = mx.concatenate([out.pop(p) for p in parts])
     return out
 
 

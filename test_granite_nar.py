@@ -293,7 +293,7 @@ def _margin(logits):
 
 def test_bfloat16_stages(model_dir, case):
     model, _ = g.load(model_dir, dtype=mx.bfloat16)
-    assert model.editor.layers[0].mlp.gate_proj.weight.dtype == mx.bfloat16
+    assert model.editor.layers[0].mlp.gate_up_proj.weight.dtype == mx.bfloat16
     bpe_logits, audio_embeds = encode1(model, case["input_features"])
     text_logits = edit1(model, case["audio_embeds"], case["encoder_preds"].tolist())
     for ours, name in (
@@ -593,7 +593,7 @@ def test_quantized_editor_equals_dequantized_weights(model_dir, quantized, case,
     """Quantized layers, or (the default on a CPU) their weights dequantized at load: the same."""
     bits, q_dir = quantized
     q_model, _ = g.load(q_dir, dtype=mx.float32, dequantize=dequantize)
-    assert isinstance(q_model.editor.layers[0].mlp.up_proj, nn.QuantizedLinear) != dequantize
+    assert isinstance(q_model.editor.layers[0].mlp.gate_up_proj, nn.QuantizedLinear) != dequantize
     reference = _dequantized_editor_model(model_dir, bits)
     audio_embeds, hypothesis = case["audio_embeds"], case["encoder_preds"].tolist()
     ours, ref = edit1(q_model, audio_embeds, hypothesis), edit1(reference, audio_embeds, hypothesis)

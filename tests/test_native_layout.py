@@ -233,6 +233,8 @@ def test_native_keeps_ibm_semantics(ckpt, loaded):
      "1 missing: encoder.layers.1.attn.to_q.weight"),
     ("model.language_model.layers.0.mlp.up_proj.weight", None,
      "1 missing: editor.layers.0.mlp.up_proj.weight"),
+    ("model.language_model.layers.1.self_attn.v_proj.weight", mx.zeros((16, 7)),
+     "mis-shaped: editor.layers.1.self_attn.q_proj.weight"),
     ("model.encoder.extra.weight", mx.zeros((2,)), "1 unknown: encoder.extra.weight"),
     ("model.projector.qformer.queries", mx.zeros((1, 4, 96)),
      "1 mis-shaped: projector.query (1, 4, 96) (expected (1, 3, 96))"),
