@@ -1192,15 +1192,11 @@ def edit_pass(model, audio_embeds, audio_lengths, hypotheses):
     ids, lengths = slot_batch(hypotheses, blank, model.args.min_edit_sequence_length, slot_step)
     # MLX's CUDA quantized matmul fails past 2^31 output elements: large batches go in parts
     part = max(1, (2**31 - 1) // (ids.shape[1] * model.args.editor.vocab_size))
-    parts = [slice(i, i + part) for i in range(0, len(hypotheses), part)]
-    tokens = mx.concatenate(
-        [
-            mx.argmax(
-                model.compiled_edit(audio_embeds[s], ids[s], audio_lengths[s], lengths[s]), -1
-            )
-            for s in parts
-        ]
-    )
+    tokens = []
+    for s in (slice(i, i + part) for i in range(0, len(hypotheses), part)):
+        logits = model.compiled_edit(audio_embeds[s], ids[s], audio_lengths[s], lengths[s])
+        tokens.append(mx.argmax(logits, axis=-1))
+    tokens = mx.concatenate(tokens)
     mx.async_eval(tokens)
     return tokens, lengths.tolist()
 
