@@ -14,6 +14,8 @@ granite_speech_nar @032cc088).
     text = granite_nar.transcribe(model, tokenizer, "audio.wav")
 """
 
+__version__ = "1.1.0"
+
 import argparse
 import ctypes
 import ctypes.util
@@ -23,13 +25,14 @@ import itertools
 import json
 import math
 import os
+import queue
 import re
 import shlex
 import sys
+import threading
 import time
 import unicodedata
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -37,12 +40,22 @@ from pathlib import Path
 def _load_openblas():
     """MLX's Linux CPU wheel has a slow reference BLAS; OpenBLAS, loaded with RTLD_GLOBAL before
     MLX, provides the same symbols. Returns whether the BLAS is a fast one."""
+    if sys.platform != "linux":
+        return True
     for name in filter(None, (ctypes.util.find_library("openblas"), "libopenblas.so.0")):
         try:
-            return bool(ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL))
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
-            pass
-    return sys.platform != "linux"
+            continue
+        if "mlx.core" not in sys.modules:
+            return True
+        warnings.warn(  # too late: MLX's matmuls are bound to its own BLAS
+            "mlx was imported before granite_nar, so MLX's CPU matmuls keep its slow reference "
+            "BLAS (about 3x slower here): import granite_nar first",
+            stacklevel=3,
+        )
+        return False
+    return False
 
 
 HAS_OPENBLAS = _load_openblas()
@@ -823,10 +836,14 @@ STACKED = (
 )
 NATIVE_KEYS = {  # the transformers-native config.json's keys -> the original layout's
     "encoder_config": {"vocabulary_size": "bpe_output_dim", "pooling_window": "bpe_pooling_window"},
-    "projector_config": {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
-                         "window_size": "block_size", "layer_norm_eps": "layernorm_eps",
-                         "attention_bias": "attn_bias"},
-}  # fmt: skip
+    "projector_config": {
+        "num_attention_heads": "num_heads",
+        "num_hidden_layers": "num_layers",
+        "window_size": "block_size",
+        "layer_norm_eps": "layernorm_eps",
+        "attention_bias": "attn_bias",
+    },
+}
 
 
 def from_native(config):
@@ -871,8 +888,8 @@ def sanitize(weights):
         for key in [k for k in out if k.startswith("editor.") and first in k]:
             parts = [key] + [key.replace(first, name) for name in rest]
             if missing := [part for part in parts if part not in out]:
-                raise ValueError(f"weights do not match config.json: {len(missing)} missing: "
-                                 + ", ".join(missing))  # fmt: skip
+                found = f"{len(missing)} missing: {', '.join(missing)}"
+                raise ValueError(f"weights do not match config.json: {found}")
             if len({out[part].shape[1:] for part in parts}) > 1:
                 shapes = ", ".join(f"{part} {tuple(out[part].shape)}" for part in parts)
                 raise ValueError(f"weights do not match config.json: mis-shaped: {shapes}")
@@ -884,11 +901,17 @@ def check_weights(model, weights):
     """Raise a ValueError naming every unknown, missing or mis-shaped tensor."""
     expected = dict(tree_flatten(model.parameters()))
     unknown, missing = weights.keys() - expected.keys(), expected.keys() - weights.keys()
-    misshaped = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
-                 for k, v in expected.items() if weights.get(k, v).shape != v.shape]  # fmt: skip
+    misshaped = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if weights.get(k, v).shape != v.shape
+    ]
     found = (("unknown", unknown), ("missing", missing), ("mis-shaped", misshaped))
-    problems = [f"{len(keys)} {label}: {', '.join(sorted(keys)[:8])}" + " ..." * (len(keys) > 8)
-                for label, keys in found if keys]  # fmt: skip
+    problems = [
+        f"{len(keys)} {label}: {', '.join(sorted(keys)[:8])}" + " ..." * (len(keys) > 8)
+        for label, keys in found
+        if keys
+    ]
     if problems:
         raise ValueError("weights do not match config.json: " + "; ".join(problems))
 
@@ -950,9 +973,10 @@ DEFAULT_MODEL = "mlx-community/granite-speech-4.1-2b-nar-mlx-5bit"
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 
 
-def model_path(path_or_repo):
-    """A local directory, or a Hugging Face Hub repo id ("owner/name") downloaded once. A path
-    that looks local (it starts with . / ~, or its folder exists here) is never looked up."""
+def model_path(path_or_repo, files=HUB_FILES):
+    """A local directory, or a Hugging Face Hub repo id ("owner/name") whose `files` (patterns)
+    are downloaded once. A path that looks local (it starts with . / ~, or its folder exists
+    here) is never looked up."""
     path, name = Path(path_or_repo), str(path_or_repo)
     if path.is_dir():
         return path
@@ -962,13 +986,18 @@ def model_path(path_or_repo):
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(name, allow_patterns=files))
     except ImportError:
-        raise ImportError(f"{name} is not a local directory; to download it from the Hugging "
-                          "Face Hub: pip install huggingface_hub") from None  # fmt: skip
+        raise ImportError(
+            f"{name} is not a local directory; to download it from the Hugging Face Hub: "
+            "pip install huggingface_hub"
+        ) from None
     except Exception as e:  # no network, no such repo, ...: the Hub's errors vary
-        raise OSError(f"cannot download {name} from the Hugging Face Hub ({type(e).__name__}); "
-                      "download it elsewhere and give its directory") from None  # fmt: skip
+        raise OSError(
+            f"{name} is neither a local directory nor a Hub repo that could be reached "
+            f"({type(e).__name__}); check the name, or download it elsewhere and give its "
+            "directory"
+        ) from None
 
 
 def default_dtype():
@@ -995,16 +1024,19 @@ def load(path, dtype=None, dequantize=None):
             s, b = (weights.pop(f"{name}.{p}", None) for p in ("scales", "biases"))
             s, b = s.astype(dtype), b if b is None else b.astype(dtype)  # in dtype, as a layer
             weight = weights.pop(f"{name}.weight")
-            weights[f"{name}.weight"] = mx.dequantize(weight, s, b, q["group_size"], q["bits"],
-                                                      mode=q.get("mode", "affine"))  # fmt: skip
+            mode = q.get("mode", "affine")
+            weights[f"{name}.weight"] = mx.dequantize(
+                weight, s, b, q["group_size"], q["bits"], mode=mode
+            )
             mx.eval(weights[f"{name}.weight"])
         warnings.warn(
             f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's quantized "
             "matmuls are slower here; load(..., dequantize=False) keeps them)"
         )
     elif q:  # rebuild exactly the layers stored quantized
-        nn.quantize(model, q["group_size"], q["bits"], mode=q.get("mode", "affine"),
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)  # fmt: skip
+        stored = lambda path, module: f"{path}.scales" in weights
+        mode = q.get("mode", "affine")
+        nn.quantize(model, q["group_size"], q["bits"], mode=mode, class_predicate=stored)
     check_weights(model, weights)
     for key, value in weights.items():  # one tensor at a time: no second copy of the model
         if mx.issubdtype(value.dtype, mx.floating):
@@ -1019,32 +1051,117 @@ def load(path, dtype=None, dequantize=None):
 # ---- audio input ----
 
 READ_SECONDS = 10  # read, mixed and resampled this much at a time: memory stays flat
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
-                    ".caf", ".w64", ".rf64")  # fmt: skip
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
+AUDIO_EXTENSIONS += (".caf", ".w64", ".rf64")
+# WAV (format tag, bits) -> numpy sample type: PCM (tag 1; 24-bit as 3 bytes) and float (tag 3)
+WAV_SAMPLES = {(1, 8): "u1", (1, 16): "<i2", (1, 24): "3u1", (1, 32): "<i4", (3, 32): "<f4"}
+WAV_SAMPLES[3, 64] = "<f8"
+UNKNOWN_LENGTH = (0, 0xFFFFFFFF)  # a WAV writer on a pipe cannot know the length
+
+
+def audio_name(audio):
+    """How messages name an input: its path, - for standard input, else its file's name."""
+    name = getattr(audio, "name", "a file object") if hasattr(audio, "read") else audio
+    return "-" if name in ("<stdin>", 0) else str(name)
+
+
+class WavStream:
+    """A WAV file read front to back, never seeking: standard input as it arrives. A data size
+    of 0 or 0xFFFFFFFF (what ffmpeg, sox and Python's wave write to a pipe) reads to the end.
+    Reads like a soundfile.SoundFile: samplerate, read(frames) -> float32 (frames, channels)."""
+
+    format = "WAV"
+
+    def __init__(self, f, name, close):  # f: after its first 12 bytes (RIFF, size, WAVE)
+        self.f, self.name, self.close = f, name, close
+        fmt, kind = None, None
+        while (chunk := f.read(8)) and len(chunk) == 8:
+            kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if kind == b"data":
+                break
+            body = f.read(size + size % 2)  # chunks are padded to even sizes
+            fmt = body if kind == b"fmt " else fmt
+        if fmt is None or len(fmt) < 16 or kind != b"data":
+            raise ValueError(f"{name}: cannot read it as audio (a WAV without fmt or data)")
+        tag, self.channels = int.from_bytes(fmt[:2], "little"), int.from_bytes(fmt[2:4], "little")
+        self.samplerate, bits = int.from_bytes(fmt[4:8], "little"), fmt[14] + 256 * fmt[15]
+        if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: its GUID opens with it
+            tag = int.from_bytes(fmt[24:26], "little")
+        if (tag, bits) not in WAV_SAMPLES or not self.channels or not self.samplerate:
+            raise ValueError(
+                f"{name}: cannot read a WAV of format {tag} ({bits} bits, {self.channels} "
+                f"channels, {self.samplerate} Hz) as it arrives: give PCM or float samples"
+            )
+        self.dtype = np.dtype(WAV_SAMPLES[tag, bits])
+        self.left = None if size in UNKNOWN_LENGTH else size  # bytes of samples yet to read
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.close:
+            self.f.close()
+
+    def read(self, frames, dtype="float32", always_2d=True):
+        """Up to `frames` frames, fewer only at the end: float32 (n, channels), scaled as
+        libsndfile scales PCM (int16 / 2^15, 24-bit and int32 / 2^31, (uint8 - 128) / 2^7)."""
+        frame_bytes = self.dtype.itemsize * self.channels
+        n = frames * frame_bytes if self.left is None else min(frames * frame_bytes, self.left)
+        data = self.f.read(n)
+        data = data[: len(data) - len(data) % frame_bytes]  # a partial frame at the end
+        self.left = None if self.left is None else self.left - len(data)
+        if self.dtype.itemsize == 3:  # 24-bit: the 3 bytes as an int32's top three
+            b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.uint32)
+            x = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24).view(np.int32)
+        else:
+            x = np.frombuffer(data, self.dtype)
+        if x.dtype.kind in "iu":
+            full = np.float32(2.0 ** (8 * min(x.dtype.itemsize, 4) - 1))
+            x = (x.astype(np.float32) - (full if x.dtype.kind == "u" else 0)) / full
+        return x.astype(np.float32).reshape(-1, self.channels)
 
 
 def _open_audio(audio):
-    """A path or a file object -> an open soundfile.SoundFile, or an error naming the input."""
-    is_file = hasattr(audio, "read")
+    """A path or a file object -> an open soundfile.SoundFile, or a WavStream for a WAV whose
+    header does not know its length or that cannot seek (a pipe); an error names the input."""
+    name, is_file = audio_name(audio), hasattr(audio, "read")
     if not is_file and not Path(audio).is_file():
         raise FileNotFoundError(f"audio file not found: {audio}")
-    if not is_file and Path(audio).stat().st_size == 0:
-        raise ValueError(f"{audio}: the file is empty (0 bytes)")
+    f = audio if is_file else open(audio, "rb")
+    seekable = f.seekable()
+    start = f.tell() if seekable else 0
+    head = f.read(12)
+    if not head:
+        raise ValueError(f"{name}: the file is empty (0 bytes)")
+    if head[:4] == b"RIFF" and head[8:] == b"WAVE":
+        wav = WavStream(f, name, close=not is_file)
+        if not seekable or wav.left is None:
+            return wav
+    if seekable:
+        f.seek(start)
+    source = f if seekable else io.BytesIO(head + f.read())  # other formats seek
+    if not is_file:
+        f.close()
+        source = str(audio)
     try:
-        return sf.SoundFile(audio if is_file else str(audio))
+        return sf.SoundFile(source)
     except sf.LibsndfileError as e:  # a hint to convert only what libsndfile cannot read at all
-        other = not is_file and Path(audio).suffix.lower() not in AUDIO_EXTENSIONS
+        if is_file or Path(audio).suffix.lower() in AUDIO_EXTENSIONS:
+            raise ValueError(f"{name}: cannot read it as audio ({e.error_string})") from None
         wav = shlex.quote(f"{Path(audio).stem}.wav")
-        hint = f" (convert it: ffmpeg -i {shlex.quote(str(audio))} {wav})" if other else ""
-        raise ValueError(f"{audio}: cannot read it as audio ({e.error_string}){hint}") from None
+        raise ValueError(
+            f"{name}: cannot read it as audio ({e.error_string}) "
+            f"(convert it: ffmpeg -i {shlex.quote(str(audio))} {wav})"
+        ) from None
 
 
 def _array_audio(audio, sample_rate):
     """A waveform (n,) or (n, channels), float or integer PCM, at sample_rate -> float32 mono."""
     x = np.asarray(audio)
-    if x.dtype.kind not in "iuf":
+    if x.dtype.kind not in "iuf" or x.ndim == 0:
         raise ValueError(
-            f"expected a file path, a file object or a waveform, got {type(audio).__name__}"
+            f"expected a file path, a file object or a waveform array (n_samples,), "
+            f"got {type(audio).__name__}"
         )
     if x.dtype.kind in "iu":  # PCM as a file's samples are: int16 / 32768, (uint8 - 128) / 128
         full = 2.0 ** (8 * x.dtype.itemsize - 1)
@@ -1065,40 +1182,57 @@ def _array_audio(audio, sample_rate):
     return soxr.resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono
 
 
-def _audio_blocks(audio, sample_rate=None):
-    """A path, file object or array -> float32 mono 16 kHz blocks; files are read READ_SECONDS
+def _read_block(f, frames, n_read, name):
+    """The next `frames` frames of an open file (fewer at its end), checked: float32 (n, ch)."""
+    rate = f.samplerate
+    try:
+        block = f.read(frames, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
+    except (sf.LibsndfileError, OSError) as e:
+        reason = getattr(e, "error_string", None) or e.strerror or e
+        raise ValueError(f"{name}: unreadable after {n_read / rate:.1f} s ({reason})") from None
+    if not np.isfinite(block).all():
+        at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
+        raise ValueError(f"{name}: NaN or infinite samples at {at:.2f} s")
+    if n_read == len(block) == 0:
+        raise ValueError(f"{name}: audio is empty (0 samples in a {f.format} file)")
+    return block
+
+
+def _audio_blocks(audio, sample_rate=None, block_seconds=READ_SECONDS):
+    """A path, file object or array -> float32 mono 16 kHz blocks; files are read block_seconds
     at a time. A file with fewer frames than its header says gives those, with a warning."""
     if not isinstance(audio, (str, Path)) and not hasattr(audio, "read"):
         yield _array_audio(audio, sample_rate)
         return
+    name = audio_name(audio)
     if sample_rate is not None:
-        raise ValueError(f"{audio}: sample_rate is for arrays; a file's rate is read from the file")
+        raise ValueError(f"{name}: sample_rate is for arrays; a file's rate is read from the file")
     with _open_audio(audio) as f:
         rate, resample = f.samplerate, None
         if rate != SAMPLE_RATE:  # soxr's high quality: linear phase, its delay removed
             resample = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32").resample_chunk
-        n_read, size, block = 0, READ_SECONDS * f.samplerate, None
+        n_read, size, block = 0, max(1, round(block_seconds * rate)), None
         while block is None or len(block) == size:  # a short block is the last
-            try:
-                block = f.read(size, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
-            except sf.LibsndfileError as e:
-                raise ValueError(
-                    f"{audio}: unreadable after {n_read / rate:.1f} s ({e.error_string})"
-                ) from None
-            if not np.isfinite(block).all():
-                at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
-                raise ValueError(f"{audio}: NaN or infinite samples at {at:.2f} s")
-            if n_read == len(block) == 0:
-                raise ValueError(f"{audio}: audio is empty (0 samples in a {f.format} file)")
+            block = _read_block(f, size, n_read, name)
             n_read += len(block)
-            yield (
-                resample(block.mean(axis=1), len(block) < size) if resample else block.mean(axis=1)
-            )
-        cut = re.search(r"data : (\d+) \(should be (\d+)\)", f.extra_info)  # libsndfile's log
-        header = f.frames * int(cut[1]) / int(cut[2]) if cut else f.frames  # frames it announces
-        if n_read < header - 1:
-            warnings.warn(f"{audio}: truncated: its header says {header / rate:.2f} s, but only "
-                          f"{n_read / rate:.2f} s could be read", stacklevel=2)  # fmt: skip
+            mono = block.mean(axis=1)
+            yield resample(mono, len(block) < size) if resample else mono
+        if isinstance(f, sf.SoundFile):
+            _warn_if_truncated(f, n_read, name)
+
+
+def _warn_if_truncated(f, n_read, name):
+    """Warn when a file gave fewer frames than its header announces (libsndfile's log)."""
+    cut = re.search(r"data : (\d+) \(should be (\d+)\)", f.extra_info)
+    if cut and int(cut[1]) in UNKNOWN_LENGTH:
+        return
+    header = f.frames * int(cut[1]) / int(cut[2]) if cut else f.frames
+    if n_read < header - 1:
+        warnings.warn(
+            f"{name}: truncated: its header says {header / f.samplerate:.2f} s, but only "
+            f"{n_read / f.samplerate:.2f} s could be read",
+            stacklevel=3,
+        )
 
 
 def load_audio(audio, sample_rate=None):
@@ -1118,14 +1252,41 @@ BATCH_SIZE = 8  # windows transcribed together, at most
 BATCH_SECONDS = 600  # audio in a batch, at most, counted padded to its longest window
 
 
+def max_chunk_seconds(args):
+    """The longest chunk_seconds whose windows always fit the editor's positions: a second of
+    audio takes 50 / downsample_rate rows, and its hypothesis at most 2 x 50 / W slots."""
+    per_second = 50 / args.projector.downsample_rate + 100 / args.encoder.bpe_pooling_window
+    return math.floor((args.editor.max_position_embeddings - 1) / per_second - CUT_SEARCH_SECONDS)
+
+
+def check_options(
+    args,
+    batch_size=BATCH_SIZE,
+    chunk_seconds=CHUNK_SECONDS,
+    editing_steps=1,
+    batch_seconds=BATCH_SECONDS,
+):
+    """Raise a ValueError, its first word the option's name, for an option out of range for a
+    model of ModelArgs args (config.json is enough: the CLI checks before it loads)."""
+    for name, value in (("batch_size", batch_size), ("editing_steps", editing_steps)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    longest = max_chunk_seconds(args)
+    if not 1 <= chunk_seconds <= longest:
+        raise ValueError(
+            f"chunk_seconds must be between 1 and {longest} (s that fit the editor's positions), "
+            f"got {chunk_seconds:g}"
+        )
+    if not 0 < batch_seconds <= math.inf:
+        raise ValueError(f"batch_seconds must be positive, got {batch_seconds:g}")
+
+
 def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
     """Cut a stream of 16 kHz blocks into consecutive windows, holding at most one window and
-    its margin. Audio up to chunk_seconds is one window. Longer, each window ends at the middle
-    of the quietest 20 ms frame (least energy; on ties the nearest) within CUT_SEARCH_SECONDS (at
-    most a quarter window) of chunk_seconds after its start, so words are rarely cut. Every sample
-    is in exactly one window, and every window has at least one encoder frame."""
-    if not 1 <= chunk_seconds < math.inf:
-        raise ValueError(f"chunk_seconds must be at least 1 (and finite), got {chunk_seconds}")
+    its margin. Audio up to chunk_seconds (at least 1) is one window. Longer, each window ends at
+    the middle of the quietest 20 ms frame (least energy; on ties the nearest) within
+    CUT_SEARCH_SECONDS (at most a quarter window) of chunk_seconds after its start, so words are
+    rarely cut. Every sample is in exactly one window; every window has an encoder frame."""
     chunk = round(chunk_seconds * SAMPLE_RATE)
     radius, frame = min(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), chunk // 4), SAMPLES_PER_FRAME
     buffer = np.zeros(0, np.float32)
@@ -1143,13 +1304,6 @@ def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
         yield buffer
 
 
-def max_chunk_seconds(args):
-    """The longest chunk_seconds whose windows always fit the editor's positions: a second of
-    audio takes 50 / downsample_rate rows, and its hypothesis at most 2 x 50 / W slots."""
-    per_second = 50 / args.projector.downsample_rate + 100 / args.encoder.bpe_pooling_window
-    return math.floor((args.editor.max_position_embeddings - 1) / per_second - CUT_SEARCH_SECONDS)
-
-
 def shape_steps(model):
     """(frame step, slot step) to which a batch's encoder frames and editor slots are padded.
     On a GPU a pass takes less time than tracing a new shape, so batches are padded (and masked:
@@ -1158,30 +1312,50 @@ def shape_steps(model):
     return (25, 16) if mx.default_device() == mx.gpu else (1, 1)
 
 
-def encode_waveforms(model, stft):
-    """A batch's stft_input -> its encoder pass, queued on the device (mx.async_eval), not waited
-    for: the best BPE CTC ids (B, F), the BPE CTC logits (B, F, vocab) and each one's real frames
-    of them, audio embeddings (B, A, llm_dim) and each one's rows of them."""
-    args, frame_step = model.args, shape_steps(model)[0]
-    x, lengths = stft
-    encoder_frames = mx.array(lengths)
-    features = _log_mel(x, encoder_frames)
-    T = -(-features.shape[1] // frame_step) * frame_step
-    mask = None if min(lengths) == T else mx.arange(T) < encoder_frames[:, None]
-    bpe_logits, audio_embeds = model.compiled_encode(
-        pad_rows(features, T).astype(model.dtype), mask
-    )
-    best = mx.argmax(bpe_logits, axis=-1)
-    mx.async_eval(best, audio_embeds)
-    frames = [-(-n // args.encoder.bpe_pooling_window) for n in lengths]  # real BPE frames
-    audio_lengths = mx.array([n // args.projector.downsample_rate for n in lengths])
-    return best, bpe_logits, frames, audio_embeds, audio_lengths
+def prepare_batch(waveforms):
+    """A batch's host work, apart so that it can run while the device is busy: the indices of its
+    waveforms neither short nor silent, and their stft_input (None: none)."""
+    live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
+    live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
+    return live, stft_input([waveforms[i] for i in live]) if live else None
+
+
+@dataclass
+class Encoded:
+    """A batch's encoder pass, queued on the device, for the waveforms `live` (indices in the
+    batch) of B = len(live) that are neither short nor silent. Empty when none is."""
+
+    live: list
+    best: mx.array = None  # (B, F) the best BPE CTC id on each pooled frame
+    bpe_logits: mx.array = None  # (B, F, vocab)
+    frames: list = None  # each one's real pooled frames
+    audio_embeds: mx.array = None  # (B, A, llm_dim)
+    audio_lengths: mx.array = None  # (B,) each one's rows of them
 
 
 def encode_batch(model, prepared):
-    """prepare_batch's result -> the indices it keeps and their encode_waveforms (None: none)."""
+    """prepare_batch's result -> its Encoded, queued on the device (mx.async_eval), not waited
+    for. Frames are padded to shape_steps' multiple, masked."""
     live, stft = prepared
-    return live, encode_waveforms(model, stft) if live else None
+    if not live:
+        return Encoded(live)
+    x, lengths = stft
+    encoder_frames = mx.array(lengths)
+    features = _log_mel(x, encoder_frames)
+    T = -(-features.shape[1] // shape_steps(model)[0]) * shape_steps(model)[0]
+    mask = None if min(lengths) == T else mx.arange(T) < encoder_frames[:, None]
+    features = pad_rows(features, T).astype(model.dtype)
+    bpe_logits, audio_embeds = model.compiled_encode(features, mask)
+    best = mx.argmax(bpe_logits, axis=-1)
+    mx.async_eval(best, audio_embeds)
+    frames = [-(-n // model.args.encoder.bpe_pooling_window) for n in lengths]
+    audio_lengths = mx.array([n // model.args.projector.downsample_rate for n in lengths])
+    return Encoded(live, best, bpe_logits, frames, audio_embeds, audio_lengths)
+
+
+def collapse_rows(ids, lengths, blank_id):
+    """ctc_collapse of each row's first lengths[b] ids: (B, L) -> B lists (waits for ids)."""
+    return [ctc_collapse(row[:n], blank_id) for row, n in zip(np.array(ids), lengths)]
 
 
 def edit_pass(model, audio_embeds, audio_lengths, hypotheses):
@@ -1213,6 +1387,23 @@ def token_log_probs(bpe_logits, tokens, blank_id):
     return log_probs
 
 
+def edit_batch(model, encoded, editing_steps, word_timestamps):
+    """Read a batch's hypotheses (waiting for its encoder pass) and run editing_steps editor
+    passes, each reading the last one's output (upstream generate(num_editing_steps)); the last
+    is queued, not waited for: (its tokens (B, S), each one's slot count, and with
+    word_timestamps their token_log_probs (B, F, 1 + S), queued with them). None: no live one."""
+    if not encoded.live:
+        return None
+    blank = model.args.blank_token_id
+    hypotheses = collapse_rows(encoded.best, encoded.frames, blank)
+    tokens, slots = edit_pass(model, encoded.audio_embeds, encoded.audio_lengths, hypotheses)
+    for _ in range(editing_steps - 1):  # the pass before is read: the next edits its output
+        hypotheses = collapse_rows(tokens, slots, blank)
+        tokens, slots = edit_pass(model, encoded.audio_embeds, encoded.audio_lengths, hypotheses)
+    log_probs = token_log_probs(encoded.bpe_logits, tokens, blank) if word_timestamps else None
+    return tokens, slots, log_probs
+
+
 def word_times(model, tokenizer, log_probs, tokens, frames, hypotheses):
     """token_log_probs (B, F, 1 + S) of tokens (B, S) among which are each window's final ids,
     each window's real frames and final ids -> each window's words, timed (seconds from its
@@ -1241,57 +1432,39 @@ def word_times(model, tokenizer, log_probs, tokens, frames, hypotheses):
             confidences = np.bincount(path[on_runs], posteriors, len(ids)) / (ends - starts)
             confidences = confidences.tolist()
         times = zip((starts * seconds).round(3).tolist(), (ends * seconds).round(3).tolist())
-        pieces = [(tokenizer.token_bytes(i), s, e, c)
-                  for i, (s, e), c in zip(ids, times, confidences)]  # fmt: skip
+        pieces = [
+            (tokenizer.token_bytes(i), s, e, c) for i, (s, e), c in zip(ids, times, confidences)
+        ]
         words.append(group_words([p for p in pieces if p[0]]))  # special tokens have no bytes
     return words
 
 
-def prepare_batch(waveforms):
-    """A batch's host work, apart so that it can run while the device is busy: the indices of its
-    waveforms neither short nor silent, and their stft_input."""
-    live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
-    live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
-    return live, stft_input([waveforms[i] for i in live]) if live else None
+def finish_batch(model, tokenizer, n, encoded, edited, word_timestamps):
+    """A batch of n waveforms' texts and words (None without word_timestamps), once its last
+    editor pass is done (it waits for it): "" and [] for the short and silent ones."""
+    texts, words = [""] * n, [[] if word_timestamps else None for _ in range(n)]
+    if edited is None:
+        return texts, words
+    tokens, slots, log_probs = edited
+    final = collapse_rows(tokens, slots, model.args.blank_token_id)
+    if word_timestamps:
+        timed = word_times(model, tokenizer, log_probs, tokens, encoded.frames, final)
+    for k, (i, ids) in enumerate(zip(encoded.live, final)):
+        texts[i] = tokenizer.decode(ids)
+        words[i] = timed[k] if word_timestamps else None
+    return texts, words
 
 
-def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False,
-                         encoded=None, queued=None, aligner=None):  # fmt: skip
+def transcribe_waveforms(model, tokenizer, waveforms, editing_steps=1, word_timestamps=False):
     """16 kHz waveforms -> their texts, as one padded batch, each as it would be alone; with
-    word_timestamps, (texts, words): each one's word_times, or with `aligner` (an executor) a
-    Future of them, aligned there. The first editor pass reads the encoder's hypothesis, each
-    further one the last pass's output, over the same audio embeddings (upstream
-    generate(num_editing_steps)). Short or silent audio: "", no words. encoded: encode_batch's
-    result for these waveforms, when queued beforehand; queued: called once the last editor pass
-    is queued (transcribe_stream queues the next batch's encoder pass there)."""
-    live, encoded = encoded or encode_batch(model, prepare_batch(waveforms))
-    texts = [""] * len(waveforms)
-    if live:
-        best, bpe_logits, frames, audio_embeds, audio_lengths = encoded
-        blank = model.args.blank_token_id
-        hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(np.array(best), frames)]
-        for step in range(1, editing_steps + 1):
-            tokens, slots = edit_pass(model, audio_embeds, audio_lengths, hypotheses)
-            if step == editing_steps and word_timestamps:  # queued behind it: no second wait
-                log_probs = token_log_probs(bpe_logits, tokens, blank)
-            if step == editing_steps and queued:
-                queued()
-            tokens = np.array(tokens)
-            hypotheses = [ctc_collapse(row[:n], blank) for row, n in zip(tokens, slots)]
-        for i, ids in zip(live, hypotheses):
-            texts[i] = tokenizer.decode(ids)
-    if not word_timestamps:
-        return texts
-
-    def align():
-        words = [[] for _ in waveforms]
-        if live:
-            timed = word_times(model, tokenizer, log_probs, tokens, frames, hypotheses)
-            for i, window in zip(live, timed):
-                words[i] = window
-        return words
-
-    return texts, aligner.submit(align) if aligner else align()
+    word_timestamps, (texts, words): each one's word_times. The first editor pass reads the
+    encoder's hypothesis, each further one the last pass's output, over the same audio
+    embeddings. Short or silent audio: "", no words."""
+    check_options(model.args, editing_steps=editing_steps)
+    encoded = encode_batch(model, prepare_batch(waveforms))
+    edited = edit_batch(model, encoded, editing_steps, word_timestamps)
+    texts, words = finish_batch(model, tokenizer, len(waveforms), encoded, edited, word_timestamps)
+    return (texts, words) if word_timestamps else texts
 
 
 @dataclass
@@ -1299,18 +1472,20 @@ class Window:
     index: int  # the input it belongs to
     start: float  # seconds into the input
     seconds: float
-    text: str
     last: bool  # the input's last window
-    elapsed: float  # its share of its batch's processing seconds (by length)
+    text: str = ""
+    elapsed: float = 0.0  # its share of its batch's processing seconds (by length)
     words: list = None  # with word_timestamps: {word, start, end, confidence}, in the input's time
+    error: Exception = None  # the input failed to read here: this is its last window, empty
 
 
 def duration(audio, sample_rate=None):
-    """Seconds of audio, from the header for files (0 when unreadable: reading will say why)."""
-    if hasattr(audio, "read"):  # unknown: reading its header here would move its position
+    """Seconds of audio, from the header for files (0 when unknown or unreadable: reading will
+    say why; a file object's header is not read here, which would move its position)."""
+    if hasattr(audio, "read"):
         return 0.0
     if not isinstance(audio, (str, Path)):
-        return len(audio) / (sample_rate or SAMPLE_RATE)
+        return np.shape(audio)[0] / (sample_rate or SAMPLE_RATE) if np.ndim(audio) else 0.0
     try:
         info = sf.info(str(audio))
         return info.frames / info.samplerate
@@ -1318,91 +1493,78 @@ def duration(audio, sample_rate=None):
         return 0.0
 
 
-def transcribe_stream(model, tokenizer, audios, sample_rate=None, batch_size=BATCH_SIZE,
-                      chunk_seconds=CHUNK_SECONDS, editing_steps=1, errors=None,
-                      word_timestamps=False, batch_seconds=BATCH_SECONDS):  # fmt: skip
-    """Transcribe every window of every input (see transcribe), the inputs shortest first (a batch
-    of like lengths pads less), in batches of at most batch_size windows and batch_seconds of
-    audio counted padded (a longer window goes alone), reading as it goes: the next two batches
-    are read and prepared while this one runs. Yields a batch's Windows once the next batch has
-    run (its words are aligned meanwhile); an input's windows come in order. A reading error
-    raises, or with an `errors` dict is stored there by index."""
-    for name, value in (("batch_size", batch_size), ("editing_steps", editing_steps)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
-    if not 1 <= chunk_seconds <= max_chunk_seconds(model.args):
-        raise ValueError(f"chunk_seconds must be between 1 and {max_chunk_seconds(model.args)} "
-                         f"(the editor's positions), got {chunk_seconds}")  # fmt: skip
-    if not 0 < batch_seconds <= math.inf:
-        raise ValueError(f"batch_seconds must be positive, got {batch_seconds}")
+def read_windows(audios, sample_rate, chunk_seconds):
+    """(Window, its 16 kHz samples) for every window of every input, the inputs shortest first (a
+    batch of like lengths pads less), each input's in order. An input that fails to read ends
+    with an empty Window carrying the error."""
+    durations = [duration(audio, sample_rate) for audio in audios]
+    for i in sorted(range(len(audios)), key=durations.__getitem__):
+        start, pending = 0, np.zeros(0, np.float32)  # resampled to nothing: one empty window
+        try:
+            blocks = _audio_blocks(audios[i], sample_rate)
+            for k, window in enumerate(split_windows(blocks, chunk_seconds)):
+                if k:
+                    yield Window(i, start / SAMPLE_RATE, len(pending) / SAMPLE_RATE, False), pending
+                    start += len(pending)
+                pending = window
+        except (OSError, ValueError) as e:
+            yield Window(i, start / SAMPLE_RATE, 0.0, True, error=e), np.zeros(0, np.float32)
+            continue
+        yield Window(i, start / SAMPLE_RATE, len(pending) / SAMPLE_RATE, True), pending
 
-    def windows():  # (input, start sample, window, last) in order of duration
-        durations = [duration(audio, sample_rate) for audio in audios]
-        for i in sorted(range(len(audios)), key=durations.__getitem__):
-            try:
-                # windows are never empty; the last is empty only when resampling left no sample
-                start, pending = 0, np.zeros(0, np.float32)
-                for window in split_windows(_audio_blocks(audios[i], sample_rate), chunk_seconds):
-                    if len(pending):
-                        yield i, start, pending, False
-                        start += len(pending)
-                    pending = window
-                yield i, start, pending, True
-            except (OSError, ValueError) as e:
-                if errors is None:
-                    raise
-                errors[i] = e
 
-    def batches():  # (windows, prepare_batch(their waveforms))
-        batch, longest = [], 0
-        for window in windows():
-            longest = max(longest, len(window[2]))
-            if batch and (len(batch) == batch_size or (len(batch) + 1) * longest > budget):
-                yield batch, prepare_batch([w for _, _, w, _ in batch])
-                batch, longest = [], len(window[2])
-            batch.append(window)
-        if batch:
-            yield batch, prepare_batch([w for _, _, w, _ in batch])
+def batch_windows(windows, batch_size, batch_seconds):
+    """(Window, samples) pairs -> batches of at most batch_size of them and batch_seconds of audio
+    counted padded to the longest (a longer window goes alone), each with its prepare_batch."""
+    batch, longest = [], 0
+    for window, samples in windows:
+        longest = max(longest, len(samples))
+        too_long = (len(batch) + 1) * longest > batch_seconds * SAMPLE_RATE
+        if batch and (len(batch) == batch_size or too_long):
+            yield batch, prepare_batch([samples for _, samples in batch])
+            batch, longest = [], len(samples)
+        batch.append((window, samples))
+    if batch:
+        yield batch, prepare_batch([samples for _, samples in batch])
 
-    def queue_next():  # the next batch and its encoder pass, queued (encode_batch); None: done
-        reads.append(reader.submit(next, stream, None))
-        item = reads.pop(0).result()
-        return item and (item[0], encode_batch(model, item[1]))
 
-    def finished(batch, texts, share):  # a batch's Windows, once its words are aligned
-        words = [None] * len(batch)
-        if word_timestamps:
-            texts, words = texts[0], texts[1].result()
-        for (i, start, w, last), text, timed in zip(batch, texts, words):
-            t0 = start / SAMPLE_RATE  # the window's words, in the input's time
-            timed = timed and _shift(timed, t0, len(w) / SAMPLE_RATE)
-            yield Window(i, t0, len(w) / SAMPLE_RATE, text, last, share * len(w), timed)
+def prefetch(items, size=2):
+    """Iterate over `items` in a thread, at most `size` ahead: the next batches are read and
+    prepared while the device works. An exception there is raised here."""
+    ready, stop, end = queue.Queue(size), threading.Event(), object()
 
-    budget = batch_seconds * SAMPLE_RATE
-    # A reader thread reads and prepares the next two batches while the device works, and the
-    # next batch's encoder pass is queued behind this batch's last editor pass: the device works
-    # while the host finishes this batch. The host cannot queue far ahead of the device, so word
-    # times are aligned in a thread too, while the next batch's passes are queued, and a batch's
-    # windows come once the next batch is done.
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as aligner:
-        stream, tic = batches(), time.perf_counter()
-        reads = [reader.submit(next, stream, None) for _ in range(2)]
-        current, done = queue_next(), None
-        while current:
-            batch, encoded = current
-            waveforms, upcoming = [w for _, _, w, _ in batch], []
-            texts = transcribe_waveforms(model, tokenizer, waveforms, editing_steps,
-                                         word_timestamps, encoded,
-                                         lambda: upcoming.append(queue_next()),
-                                         aligner)  # fmt: skip
-            current = upcoming[0] if upcoming else queue_next()  # a silent batch: no editor
-            share = (time.perf_counter() - tic) / max(1, sum(map(len, waveforms)))
-            tic = time.perf_counter()
-            if done:
-                yield from finished(*done)
-            done = batch, texts, share
-        if done:
-            yield from finished(*done)
+    def produce():
+        try:
+            for item in items:
+                ready.put(item)
+                if stop.is_set():  # the consumer is gone
+                    return
+            ready.put(end)
+        except Exception as e:
+            ready.put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:  # stopped early: free a place so that the thread can see the stop
+        stop.set()
+        while not ready.empty():
+            ready.get_nowait()
+
+
+def finish_windows(model, tokenizer, batch, encoded, edited, since, word_timestamps):
+    """A batch's Windows with their texts and words (in the input's time), once its last editor
+    pass is done; the seconds from `since` shared among them by length."""
+    texts, words = finish_batch(model, tokenizer, len(batch), encoded, edited, word_timestamps)
+    seconds = time.perf_counter() - since
+    total = max(1, sum(len(samples) for _, samples in batch))
+    for (window, samples), text, timed in zip(batch, texts, words):
+        window.text, window.elapsed = text, seconds * len(samples) / total
+        window.words = None if timed is None else _shift(timed, window.start, window.seconds)
+        yield window
 
 
 def _shift(words, start, seconds):
@@ -1412,9 +1574,45 @@ def _shift(words, start, seconds):
         {**x, "start": start + min(x["start"], seconds), "end": start + min(x["end"], seconds)}
         for x in words
     ]
-    if start > 0 and not words[0]["word"].startswith(" "):
+    if start > 0 and words and not words[0]["word"].startswith(" "):
         words[0]["word"] = " " + words[0]["word"]
     return words
+
+
+def transcribe_stream(
+    model,
+    tokenizer,
+    audios,
+    sample_rate=None,
+    batch_size=BATCH_SIZE,
+    chunk_seconds=CHUNK_SECONDS,
+    editing_steps=1,
+    word_timestamps=False,
+    batch_seconds=BATCH_SECONDS,
+):
+    """Transcribe every window of every input (see transcribe), in batches of at most batch_size
+    windows and batch_seconds of audio counted padded, reading as it goes. Yields each Window
+    with its text (and words), a batch's once the next batch's passes are queued; an input's
+    windows come in order, the last with last=True, or with `error` when it failed to read."""
+    check_options(model.args, batch_size, chunk_seconds, editing_steps, batch_seconds)
+    windows = read_windows(audios, sample_rate, chunk_seconds)
+    batches = prefetch(batch_windows(windows, batch_size, batch_seconds))
+    # As mlx-lm's generate_step: the device runs a batch's editor and the next batch's encoder
+    # while the host finishes the batch before (benchmarks/README.md). next(queued) reads the
+    # next prepared batch and queues its encoder pass.
+    queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
+    tic, previous = time.perf_counter(), None
+    current = next(queued, None)
+    while current:
+        batch, encoded = current
+        edited = edit_batch(model, encoded, editing_steps, word_timestamps)  # the last pass queued
+        current = next(queued, None)  # the next encoder pass, queued behind it
+        if previous:
+            yield from finish_windows(model, tokenizer, *previous, tic, word_timestamps)
+            tic = time.perf_counter()
+        previous = batch, encoded, edited
+    if previous:
+        yield from finish_windows(model, tokenizer, *previous, tic, word_timestamps)
 
 
 def join_windows(texts):
@@ -1422,19 +1620,31 @@ def join_windows(texts):
     return texts[0] if len(texts) == 1 else " ".join(t.strip() for t in texts if t.strip())
 
 
-def transcribe(model, tokenizer, audio, sample_rate=None, batch_size=BATCH_SIZE,
-               chunk_seconds=CHUNK_SECONDS, editing_steps=1, word_timestamps=False,
-               batch_seconds=BATCH_SECONDS):  # fmt: skip
-    """audio: a file (path or file object), or a waveform (n_samples,) or (n_samples, channels)
-    at sample_rate Hz (default 16000) -> its transcript; a list of those -> their transcripts.
-    With word_timestamps, {"text", "segments": split_segments(words)} instead. Audio over
-    chunk_seconds goes in windows cut at quiet points (split_windows), batch_size windows and
-    batch_seconds of padded audio at a time (of one input or several). Under 0.1 s, or silent:
-    ""."""
+def transcribe(
+    model,
+    tokenizer,
+    audio,
+    sample_rate=None,
+    batch_size=BATCH_SIZE,
+    chunk_seconds=CHUNK_SECONDS,
+    editing_steps=1,
+    word_timestamps=False,
+    batch_seconds=BATCH_SECONDS,
+):
+    """audio: a file (path or file object), or a waveform array (n_samples,) or (n_samples,
+    channels) at sample_rate Hz (default 16000) -> its transcript; a list of those -> their
+    transcripts. With word_timestamps, {"text", "segments": split_segments(words)} instead.
+    Audio over chunk_seconds goes in windows cut at quiet points (split_windows), batch_size
+    windows and batch_seconds of padded audio at a time (of one input or several). Under 0.1 s,
+    or silent: "". An input that cannot be read raises its error (transcribe_stream goes on)."""
     audios = list(audio) if isinstance(audio, (list, tuple)) else [audio]
+    if audios and all(isinstance(x, (int, float)) for x in audios):
+        raise ValueError("a waveform is an array: transcribe(model, tokenizer, np.array(samples))")
     windows = [[] for _ in audios]
-    for w in transcribe_stream(model, tokenizer, audios, sample_rate, batch_size, chunk_seconds,
-                               editing_steps, None, word_timestamps, batch_seconds):  # fmt: skip
+    options = batch_size, chunk_seconds, editing_steps, word_timestamps, batch_seconds
+    for w in transcribe_stream(model, tokenizer, audios, sample_rate, *options):
+        if w.error:
+            raise w.error
         windows[w.index].append(w)
     texts = [join_windows([w.text for w in ws]) for ws in windows]
     if word_timestamps:
@@ -1456,25 +1666,162 @@ rate and channel count. Audio longer than --chunk-seconds is read as it goes and
 windows, each cut moved to the quietest 20 ms within 5 s. Exit status: 0 if every file was
 transcribed, 1 if any failed (each failure is reported on stderr), 2 for bad options."""
 COLUMNS = ("file", "text", "audio_seconds", "processing_seconds", "speed")  # json keys, tsv columns
-SUFFIXES = {"text": ".txt", "json": ".json", "tsv": ".tsv", "srt": ".srt", "vtt": ".vtt"}
+SUFFIXES = {"text": ".txt", "txt": ".txt", "json": ".json", "tsv": ".tsv", "srt": ".srt"}
+SUFFIXES["vtt"] = ".vtt"
 
 
-def _inputs(names):
-    """CLI arguments -> (inputs: paths, or stdin's bytes for -; notes and errors to print)."""
+def _at_least_one(text):
+    """argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _parse_args():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the examples' lines
+    )
+    add = parser.add_argument
+    add("audio", nargs="+", help="audio files, directories (their audio files, by name), or -")
+    add(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="DIR|REPO",
+        help="a model directory or Hub repo id (default: %(default)s)",
+    )
+    add(
+        "--chunk-seconds",
+        type=float,
+        default=CHUNK_SECONDS,
+        metavar="S",
+        help="windows of about S s for long audio (default: %(default)g)",
+    )
+    add("--editing-steps", type=int, default=1, metavar="N", help="editor passes (default: 1)")
+    add(
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        metavar="N",
+        help="windows transcribed together, at most (default: %(default)s)",
+    )
+    add(
+        "--batch-seconds",
+        type=float,
+        default=BATCH_SECONDS,
+        metavar="S",
+        help="audio in a batch, counted padded, at most (default: %(default)s)",
+    )
+    add(
+        "--output-format",
+        choices=SUFFIXES,
+        default="text",
+        help=f"text (or txt), json (a line each: {', '.join(COLUMNS)}), tsv, srt or vtt",
+    )
+    add(
+        "--output-dir",
+        type=Path,
+        metavar="DIR",
+        help="also write DIR/<input path>.txt, ... (- as DIR/stdin.txt)",
+    )
+    add(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)",
+    )
+    add(
+        "--verbose",
+        action="store_true",
+        help="also print the load time, a summary and any dequantization to stderr",
+    )
+    add("--quiet", action="store_true", help="print only transcripts and errors")
+    add("--word-timestamps", action="store_true", help="json: add segments with timed words")
+    add("--skip-existing", action="store_true", help="skip files whose --output-dir output exists")
+    add(
+        "--max-line-width",
+        type=_at_least_one,
+        default=42,
+        metavar="N",
+        help="srt, vtt: characters a line (default: %(default)s)",
+    )
+    add(
+        "--max-line-count",
+        type=_at_least_one,
+        default=2,
+        metavar="N",
+        help="srt, vtt: lines a cue (default: %(default)s)",
+    )
+    add("--version", action="version", version=f"granite_nar {__version__}")
+    args = parser.parse_args()
+    args.output_format = "text" if args.output_format == "txt" else args.output_format
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser, args):
+    """Exit 2 for options that exclude each other or that the model cannot take (its
+    config.json is enough: nothing is loaded or downloaded but that)."""
+    if args.verbose and args.quiet:
+        parser.error("--verbose and --quiet exclude each other: give one")
+    if args.audio.count("-") > 1:
+        parser.error("- (standard input) can be given once")
+    if args.skip_existing and not args.output_dir:
+        parser.error("--skip-existing needs --output-dir: it skips the files whose outputs exist")
+    try:
+        config = read_config(model_path(args.model, ["config.json"]))
+        model_args = ModelArgs.from_dict(from_native(config) or config)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: --model {args.model}: {e}")
+    options = args.batch_size, args.chunk_seconds, args.editing_steps, args.batch_seconds
+    try:
+        check_options(model_args, *options)
+    except ValueError as e:  # its first word is the option's name
+        name, rest = str(e).split(" ", 1)
+        parser.error(f"--{name.replace('_', '-')} {rest}")
+
+
+def _configure_messages(args):
+    """Warnings as one stderr line each; notes that only --verbose shows."""
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
+    if not args.verbose:  # the default model is quantized: its dequantization is no news
+        warnings.filterwarnings("ignore", ".*-bit layers are dequantized")
+    if not HAS_OPENBLAS and mx.default_device() == mx.cpu and not args.quiet:
+        print(
+            "note: OpenBLAS not found, CPU matmuls will be slow "
+            "(apt-get install -y libopenblas0-pthread)",
+            file=sys.stderr,
+        )
+    if args.dtype == "float32":
+        os.environ["MLX_ENABLE_TF32"] = "0"  # float32 means float32 on a GPU's tensor cores too
+
+
+def _load_model(args):
+    """load(args.model) in args.dtype; a failure exits with one line."""
+    start = time.perf_counter()
+    try:
+        model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: --model {args.model}: {e}")
+    if args.verbose:
+        print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return model, tokenizer
+
+
+def _expand(names):
+    """CLI arguments -> (inputs: paths, or standard input for -; notes and errors to print)."""
     inputs, messages = [], []
     for name in names:
         path = Path(name)
         if name == "-":
-            inputs.append(io.BytesIO(sys.stdin.buffer.read()))
-            inputs[-1].name = "-"
+            inputs.append(sys.stdin.buffer)  # read as it arrives
         elif path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav files)
             files = sorted(p for p in path.iterdir() if p.is_file() and p.name[0] != ".")
             audio = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
             if len(audio) < len(files):
                 others = ", ".join(p.name for p in files if p not in audio)
-                messages.append(
-                    f"note: {path}: skipped {len(files) - len(audio)} other file(s): {others}"
-                )
+                n = len(files) - len(audio)
+                messages.append(f"note: {path}: skipped {n} other file(s): {others}")
             if not audio:
                 messages.append(f"error: {path}: no audio files ({' '.join(AUDIO_EXTENSIONS)})")
             inputs += audio
@@ -1483,37 +1830,73 @@ def _inputs(names):
     return inputs, messages
 
 
+def _output_paths(inputs, output_dir, suffix):
+    """Each input's output file (None without output_dir): output_dir/calls/a.wav.txt for
+    calls/a.wav, its path relative to the working directory, or for inputs outside it to their
+    common folder; standard input's is output_dir/stdin.txt. No two inputs share an output."""
+    if output_dir is None:
+        return [None] * len(inputs)
+    cwd = Path.cwd().resolve()
+    paths = [None if hasattr(x, "read") else Path(x).resolve() for x in inputs]
+    outside = [str(p.parent) for p in paths if p and not p.is_relative_to(cwd)]
+    common = Path(os.path.commonpath(outside)) if outside else cwd
+    outputs = []
+    for path in paths:
+        relative = (
+            Path("stdin")
+            if path is None
+            else path.relative_to(cwd if path.is_relative_to(cwd) else common)
+        )
+        outputs.append(output_dir / relative.parent / (relative.name + suffix))
+    return outputs
+
+
+def _inputs(args, ranks):
+    """The inputs, their outputs and the count of failures so far; notes printed by rank 0,
+    a directory given has its files, and with --skip-existing those whose outputs exist go."""
+    if ranks > 1 and "-" in args.audio:
+        sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
+    inputs, messages = _expand(args.audio)
+    if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
+        print(f"error: {args.output_format} of several inputs needs --output-dir", file=sys.stderr)
+        sys.exit(2)
+    outputs = _output_paths(inputs, args.output_dir, SUFFIXES[args.output_format])
+    if args.skip_existing:  # a stopped run resumes: done files keep their outputs
+        keep = [i for i, path in enumerate(outputs) if not path.exists()]
+        if len(keep) < len(inputs):
+            messages.append(f"note: {len(inputs) - len(keep)} file(s) skipped: their outputs exist")
+        inputs, outputs = [inputs[i] for i in keep], [outputs[i] for i in keep]
+    for message in messages if mx.distributed.init().rank() == 0 else []:
+        print(message, file=sys.stderr)
+    return inputs, outputs, sum(m.startswith("error") for m in messages)
+
+
 def _records(model, tokenizer, inputs, args):
-    """(index, record or the error it raised) per input, in input order, each as soon as it and
-    the inputs before it are done; all are transcribed together, in batches."""
-    errors, windows, n_out, tty = {}, [[] for _ in inputs], 0, sys.stderr.isatty()
-    names = [x.name if hasattr(x, "read") else str(x) for x in inputs]
-    durations = [duration(x) for x in inputs]
+    """(index, record) per input in input order, each as soon as it and the inputs before it
+    are done (all are transcribed together, in batches); a record is a dict, or the error that
+    stopped its input. Progress of files longer than a window goes to stderr."""
+    windows, n_out, tty = [[] for _ in inputs], 0, sys.stderr.isatty()
+    names, durations = [audio_name(x) for x in inputs], [duration(x) for x in inputs]
     timed = args.word_timestamps or args.output_format in ("srt", "vtt")
-    for w in transcribe_stream(model, tokenizer, inputs, None, args.batch_size, args.chunk_seconds,
-                               args.editing_steps, errors, timed, args.batch_seconds):  # fmt: skip
+    options = args.batch_size, args.chunk_seconds, args.editing_steps, timed, args.batch_seconds
+    for w in transcribe_stream(model, tokenizer, inputs, None, *options):
         windows[w.index].append(w)
-        if not args.quiet and durations[w.index] > args.chunk_seconds:  # progress, long files
+        if not args.quiet and durations[w.index] > args.chunk_seconds and not w.error:
             done = f"{names[w.index]}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
             print(done, end="\n" if w.last or not tty else "\r", file=sys.stderr, flush=True)
-        while n_out < len(inputs) and (
-            n_out in errors or windows[n_out] and windows[n_out][-1].last
-        ):
-            yield (
-                n_out,
-                errors[n_out] if n_out in errors else _record(names[n_out], windows[n_out], args),
-            )
+        while n_out < len(inputs) and windows[n_out] and windows[n_out][-1].last:
+            yield n_out, _record(names[n_out], windows[n_out], args)
             n_out += 1
-    for i in range(n_out, len(inputs)):  # inputs that failed after the last window
-        yield i, errors[i]
 
 
 def _record(name, windows, args):
+    """An input's Windows -> its record ({file, text, audio_seconds, ...}), or its error."""
+    if windows[-1].error:
+        return windows[-1].error
     seconds, elapsed = sum(w.seconds for w in windows), sum(w.elapsed for w in windows)
-    text = join_windows([w.text for w in windows])
     speed = round(seconds / elapsed, 1) if elapsed else 0.0
-    values = name, text, round(seconds, 3), round(elapsed, 3), speed
-    record = dict(zip(COLUMNS, values))
+    text = join_windows([w.text for w in windows])
+    record = dict(zip(COLUMNS, (name, text, round(seconds, 3), round(elapsed, 3), speed)))
     if windows[0].words is not None:
         words = [word for w in windows for word in w.words]
         record["segments"] = split_segments(words, args.max_line_width, args.max_line_count)
@@ -1531,142 +1914,55 @@ def _format(record, args):
     return record["text"]
 
 
-def _output_path(output_dir, path, suffix):
-    """output_dir/calls/a.wav.txt for calls/a.wav: the input's path (relative to the working
-    directory, or from its root) with the suffix added, so that no two inputs share an output."""
-    path = Path(path).resolve()
-    try:
-        relative = path.relative_to(Path.cwd().resolve())
-    except ValueError:
-        relative = path.relative_to(path.anchor)
-    return output_dir / relative.parent / (relative.name + suffix)
-
-
 def _write(path, text):
-    """Write a file whole or not at all: a temporary name in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a file whole or not at all (a temporary name in its folder, then a rename);
+    a failure is one error line. Returns whether it was written."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
+        return True
+    except OSError as e:
+        print(f"error: {path}: cannot write it ({e.strerror or e})", file=sys.stderr)
+        return False
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _parse_args():
-    formatter = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EXAMPLES,
-                                     formatter_class=formatter)  # fmt: skip
-    add = parser.add_argument
-    add("audio", nargs="+", help="audio files, directories (their audio files, by name), or -")
-    add("--model", default=DEFAULT_MODEL, metavar="DIR|REPO",
-        help=f"a model directory or Hub repo id (default: {DEFAULT_MODEL})")  # fmt: skip
-    add("--chunk-seconds", type=float, default=CHUNK_SECONDS, metavar="S",
-        help="windows of about S s for long audio (default: 30)")  # fmt: skip
-    add("--editing-steps", type=int, default=1, metavar="N", help="editor passes (default: 1)")
-    add("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
-        help=f"windows transcribed together, at most (default: {BATCH_SIZE})")  # fmt: skip
-    add("--batch-seconds", type=float, default=BATCH_SECONDS, metavar="S",
-        help=f"audio in a batch, counted padded, at most (default: {BATCH_SECONDS})")  # fmt: skip
-    add("--output-format", choices=SUFFIXES, default="text",
-        help=f"text, json (a line each: {', '.join(COLUMNS)}), tsv, srt or vtt")  # fmt: skip
-    add("--output-dir", type=Path, metavar="DIR", help="also write DIR/<input path>.txt, ...")
-    add("--dtype", choices=["float32", "bfloat16", "float16"],
-        help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)")  # fmt: skip
-    add("--verbose", action="store_true",
-        help="also print the load time, a summary and any dequantization to stderr")  # fmt: skip
-    add("--quiet", action="store_true", help="print only transcripts and errors")
-    add("--word-timestamps", action="store_true", help="json: add segments with timed words")
-    add("--skip-existing", action="store_true", help="skip files whose --output-dir output exists")
-    add("--max-line-width", type=int, default=42, metavar="N", help="srt, vtt: characters a line")
-    add("--max-line-count", type=int, default=2, metavar="N", help="srt, vtt: lines a cue")
-    args = parser.parse_args()
-    if not 1 <= args.chunk_seconds < math.inf:
-        parser.error(f"--chunk-seconds must be at least 1 (and finite), got {args.chunk_seconds}")
-    if args.editing_steps < 1:
-        parser.error(f"--editing-steps must be at least 1, got {args.editing_steps}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not 0 < args.batch_seconds <= math.inf:
-        parser.error(f"--batch-seconds must be positive, got {args.batch_seconds}")
-    if args.max_line_width < 1 or args.max_line_count < 1:
-        parser.error("--max-line-width and --max-line-count must be at least 1")
-    if args.verbose and args.quiet:
-        parser.error("--verbose and --quiet exclude each other: give one")
-    if args.audio.count("-") > 1:
-        parser.error("- (standard input) can be given once")
-    if args.skip_existing and not args.output_dir:
-        parser.error("--skip-existing needs --output-dir: it skips the files whose outputs exist")
-    return args
-
-
 def main():
     args = _parse_args()
-    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)
-    if not args.verbose:  # the default model is quantized: its dequantization is no news
-        warnings.filterwarnings("ignore", ".*-bit layers are dequantized")
-    if not HAS_OPENBLAS and mx.default_device() == mx.cpu and not args.quiet:
-        print("note: OpenBLAS not found, CPU matmuls will be slow "
-              "(apt-get install -y libopenblas0-pthread)", file=sys.stderr)  # fmt: skip
-    if args.dtype == "float32":
-        os.environ["MLX_ENABLE_TF32"] = "0"  # float32 means float32 on a GPU's tensor cores too
-    start = time.perf_counter()
-    try:
-        model, tokenizer = load(args.model, getattr(mx, args.dtype) if args.dtype else None)
-    except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: --model {args.model}: {e}")
-    try:
-        args.output_dir and args.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: --output-dir {args.output_dir}: {e.strerror or e}")
-    if args.chunk_seconds > max_chunk_seconds(model.args):
-        sys.exit(f"error: --chunk-seconds {args.chunk_seconds:g}: at most "
-                 f"{max_chunk_seconds(model.args)} s fit the editor's positions")  # fmt: skip
-    if args.verbose:
-        print(f"loaded {args.model} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
-
+    _configure_messages(args)
+    model, tokenizer = _load_model(args)
     group = mx.distributed.init()  # under mlx.launch: several ranks, each with its share
-    if group.size() > 1 and "-" in args.audio:
-        sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
-    inputs, messages = _inputs(args.audio)
-    suffix = SUFFIXES[args.output_format]
-    if args.skip_existing:  # a stopped run resumes: done files keep their outputs
-        done = [x for x in inputs if _output_path(args.output_dir, x, suffix).exists()]
-        inputs = [x for x in inputs if x not in done]
-        messages += [f"note: {len(done)} file(s) skipped: their outputs exist"] if done else []
+    inputs, outputs, failed = _inputs(args, group.size())
     mine = _shard(inputs, group.size(), group.rank())
-    for message in messages if group.rank() == 0 else []:
-        print(message, file=sys.stderr)
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
-    failed, seconds, lines = sum(m.startswith("error") for m in messages), 0.0, {}
-    named = args.output_format in ("text", "srt", "vtt") and len(inputs) > 1  # as head names them
+    named = args.output_format == "text" and len(inputs) > 1  # as head names them
+    shown = args.output_format not in ("srt", "vtt") or len(inputs) == 1  # else files only
     print(header if group.rank() == 0 else "", end="", flush=True)
-    start = time.perf_counter()
+    lines, seconds, start = {}, 0.0, time.perf_counter()
     for j, record in _records(model, tokenizer, [inputs[i] for i in mine], args):
+        i = mine[j]
         if isinstance(record, Exception):
             print(f"error: {record}", file=sys.stderr)
             failed += 1
             continue
-        i, text = mine[j], _format(record, args)
+        text, seconds = _format(record, args), seconds + record["audio_seconds"]
         lines[i] = f"==> {record['file']} <==\n{text}" if named else text
-        seconds += record["audio_seconds"]
-        if group.size() == 1:  # one process: each record as soon as it and those before are done
+        if group.size() == 1 and shown:  # as soon as it and those before are done
             print(("\n" if named and len(lines) > 1 else "") + lines[i], flush=True)
-        if args.output_dir and not hasattr(inputs[i], "read"):
-            _write(_output_path(args.output_dir, inputs[i], suffix), header + text + "\n")
-    if group.size() > 1:  # rank 0 prints every rank's records, in input order
-        gathered = [json.loads(text) for text in _gather_text(group, json.dumps(lines))]
-        every = {int(i): line for part in gathered for i, line in part.items()}
-        if group.rank() == 0:
-            blocks = [every[i] + "\n" for i in sorted(every)]
-            print(("\n" if named else "").join(blocks), end="", flush=True)
-        failed = int(mx.distributed.all_sum(mx.array(failed), group=group, stream=mx.cpu).item())
-        # rank 0's status is everyone's: mlx.launch stops the others when a rank exits non-zero
-        failed = failed if group.rank() == 0 else 0
+        if outputs[i] and not _write(outputs[i], header + text + "\n"):
+            failed += 1
+    if group.size() > 1:
+        failed = _print_in_order(group, lines if shown else {}, named, failed)
     if args.verbose:
         total = time.perf_counter() - start
-        print(f"{len(mine)} file(s), {seconds:.1f} s of audio in {total:.2f} s "
-              f"({seconds / total:.1f}x real time)", file=sys.stderr)  # fmt: skip
+        print(
+            f"{len(mine)} file(s), {seconds:.1f} s of audio in {total:.2f} s "
+            f"({seconds / total:.1f}x real time)",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -1684,6 +1980,18 @@ def _shard(inputs, size, rank):
     return sorted(mine)
 
 
+def _print_in_order(group, lines, named, failed):
+    """Rank 0 prints every rank's lines {input index: text}, in input order; returns the
+    failures of all ranks on rank 0 (mlx.launch stops the others when a rank exits non-zero)."""
+    gathered = [json.loads(text) for text in _gather_text(group, json.dumps(lines))]
+    every = {int(i): line for part in gathered for i, line in part.items()}
+    if group.rank() == 0:
+        blocks = [every[i] + "\n" for i in sorted(every)]
+        print(("\n" if named else "").join(blocks), end="", flush=True)
+    failed = int(mx.distributed.all_sum(mx.array(failed), group=group, stream=mx.cpu).item())
+    return failed if group.rank() == 0 else 0
+
+
 def _gather_text(group, text):
     """Each rank's text -> every rank's, in rank order (UTF-8 bytes through mx.distributed)."""
     data = np.frombuffer(text.encode(), np.uint8)
@@ -1694,11 +2002,22 @@ def _gather_text(group, text):
     return [bytes(row[:n]).decode() for row, n in zip(rows.reshape(len(sizes), -1), sizes)]
 
 
+def _exit_now(status):
+    """Exit at once, flushing what was printed: on Ctrl-C or a closed pipe, work may still be
+    queued, and a normal exit can wait forever in OpenBLAS's thread shutdown."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the pipe is closed: nothing more to say there
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        sys.exit(130)
+        _exit_now(130)
     except BrokenPipeError:  # stdout closed early (| head): no traceback, nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        _exit_now(1)
