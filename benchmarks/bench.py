@@ -21,7 +21,7 @@ traces each new shape), the peak memory, and a third pass that waits after each 
 
 --word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypotheses on the
 batch's BPE CTC logits): stages `word_timestamps` (their log-softmax columns, on the device) and
-`alignment` (ctc_align and words, on the host: in transcribe_stream a thread beside the rest) in
+`alignment` (ctc_align and words, on the host, while the device runs the next batch) in
 stages_ms, at batch 1 the median of passes with them (`median_ms_word_timestamps`, taking turns
 with the others), and throughput rows with them.
 """
@@ -111,9 +111,9 @@ def measure(runs, reps):
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
-STAGES = {"stft_input": "prepare", "encode_waveforms": "encode", "edit_pass": "edit",
-          "token_log_probs": "word_timestamps", "word_times": "alignment"}  # fmt: skip
-THREADS = ("prepare", "alignment")  # transcribe_stream's stages run in threads beside the rest
+STAGES = {"stft_input": "prepare", "encode_batch": "encode", "edit_pass": "edit"}
+STAGES.update(token_log_probs="word_timestamps", word_times="alignment")
+THREADS = ("prepare",)  # transcribe_stream prepares the next batches in a thread
 
 
 class FixedEditor:
@@ -122,8 +122,7 @@ class FixedEditor:
     back to them) once its pass is done: random weights make the edited ids arbitrary, so the
     next steps, decoding and word timestamps read the fixed hypotheses. With `times`, each stage
     of g.transcribe_waveforms (STAGES) also waits for the device and adds its seconds there, and
-    the stages run one at a time but for THREADS (the next batch's encoder pass is queued after
-    the editor's)."""
+    the stages run one at a time but for THREADS."""
 
     def __init__(self, times=None, n_tokens=None):
         self.times, self.n_tokens = times, n_tokens
@@ -155,6 +154,7 @@ class FixedEditor:
                 result = self.functions[name](*args)
             if self.times is not None:
                 outputs = result if isinstance(result, tuple) else (result,)
+                outputs = vars(result).values() if isinstance(result, g.Encoded) else outputs
                 mx.eval([x for x in outputs if isinstance(x, mx.array)])
                 stage = STAGES[name]
                 self.times[stage] = self.times.get(stage, 0) + time.perf_counter() - tic
