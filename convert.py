@@ -1,14 +1,16 @@
 """Convert an upstream Granite Speech 4.1 NAR checkpoint to MLX.
 
-    python convert.py --hf-path path/to/granite-speech-4.1-2b-nar --mlx-path granite_nar_mlx
+    python convert.py --hf-path ibm-granite/granite-speech-4.1-2b-nar --mlx-path granite_nar_mlx
 
     python convert.py --hf-path ... --mlx-path granite_nar_mlx_5bit -q        # 5-bit editor
 
-Reads config.json, model.safetensors (or shards + model.safetensors.index.json) in the original
-hub layout (encoder.*, projector.*, language_model.model.*) or a transformers one (model.*), renames
-and re-lays the tensors for granite_nar.py, optionally quantizes them, and writes
-model.safetensors, config.json (in the original layout's keys) and the tokenizer files. The output
-directory appears complete or not at all.
+--hf-path is a local directory or a Hugging Face Hub repo id, downloaded as granite_nar.load()
+downloads one (granite_nar.model_path). Reads config.json, model.safetensors (or shards +
+model.safetensors.index.json) in the original hub layout (encoder.*, projector.*,
+language_model.model.*) or a transformers one (model.*), renames and re-lays the tensors for
+granite_nar.py, optionally quantizes them, and writes model.safetensors, config.json (in the
+original layout's keys) and the tokenizer files. The output directory appears complete or not at
+all.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from granite_nar import check_weights, read_checkpoint
+from granite_nar import check_weights, model_path, read_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -53,12 +55,11 @@ def quantize(model, bits, group_size, scope):
     nn.quantize(model, group_size, bits, class_predicate=predicate)
 
 
-def convert(hf_path, mlx_path, dtype=None, quantization=None):
-    """Write the MLX model directory. dtype None keeps the stored precision (bf16 upstream);
-    quantization: None or {"bits": 4|5|6|8, "group_size": 32|64|128, "scope": "editor"|"all"}."""
-    hf_path, mlx_path = Path(hf_path), Path(mlx_path)
-    if not hf_path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {hf_path}")
+def checkpoint_dir(hf_path, mlx_path):
+    """The checkpoint's directory: hf_path itself, or the Hub repo id hf_path downloaded by
+    granite_nar.model_path (a path that looks local is never looked up). mlx_path is checked
+    first, so that a busy one fails before any download."""
+    mlx_path = Path(mlx_path)
     if (
         mlx_path.exists()
         and any(mlx_path.iterdir())
@@ -67,10 +68,40 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
         raise FileExistsError(
             f"{mlx_path} exists and is not an MLX model directory: choose another --mlx-path"
         )
+    try:
+        hf_path = model_path(hf_path)
+    except FileNotFoundError:  # model_path's only one: a missing local directory
+        raise FileNotFoundError(f"checkpoint directory not found: {Path(hf_path)}") from None
     if not (hf_path / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"{hf_path / 'tokenizer.json'} not found: the transcript cannot be decoded without it"
         )
+    return hf_path
+
+
+def write_model_dir(hf_path, mlx_path, config, weights):
+    """Write mlx_path whole or not at all: into a temporary sibling, renamed over it at the end."""
+    mlx_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
+    tmp.chmod(0o755)
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (hf_path / name).is_file():
+                shutil.copyfile(hf_path / name, tmp / name)
+        if mlx_path.exists():
+            shutil.rmtree(mlx_path)
+        tmp.rename(mlx_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(hf_path, mlx_path, dtype=None, quantization=None):
+    """Write the MLX model directory from hf_path, a checkpoint directory or Hub repo id. dtype
+    None keeps the stored precision (bf16 upstream); quantization: None or {"bits": 4|5|6|8,
+    "group_size": 32|64|128, "scope": "editor"|"all"}."""
+    hf_path, mlx_path = checkpoint_dir(hf_path, mlx_path), Path(mlx_path)
     config, model, weights = read_checkpoint(hf_path)  # any layout, in granite_nar's names
     check_weights(model, weights)
     if dtype is not None:
@@ -91,20 +122,7 @@ def convert(hf_path, mlx_path, dtype=None, quantization=None):
             f"{name:9s} {n_params[name] / 1e6:9.1f} M parameters {n_bytes / 1e6:9.1f} MB",
             file=sys.stderr,
         )
-    mlx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", dir=mlx_path.parent))
-    tmp.chmod(0o755)
-    try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (hf_path / name).is_file():
-                shutil.copyfile(hf_path / name, tmp / name)
-        if mlx_path.exists():
-            shutil.rmtree(mlx_path)
-        tmp.rename(mlx_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_model_dir(hf_path, mlx_path, config, weights)
     size = (mlx_path / "model.safetensors").stat().st_size
     print(f"wrote {mlx_path}: model.safetensors {size / 1e6:.1f} MB", file=sys.stderr)
 
@@ -113,7 +131,9 @@ def main():
     parser = argparse.ArgumentParser(
         description="Convert an upstream Granite Speech 4.1 NAR checkpoint to MLX."
     )
-    parser.add_argument("--hf-path", required=True, help="upstream checkpoint directory")
+    parser.add_argument(
+        "--hf-path", required=True, help="upstream checkpoint directory or Hugging Face Hub repo id"
+    )
     parser.add_argument(
         "--mlx-path", default="granite_nar_mlx", help="output directory (default: granite_nar_mlx)"
     )
@@ -155,7 +175,7 @@ def main():
             getattr(mx, args.dtype) if args.dtype else None,
             quantization,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
 
 
