@@ -20,11 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from granite_nar import check_weights, model_path, read_checkpoint  # first: OpenBLAS, then MLX
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-
-from granite_nar import check_weights, model_path, read_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.json",

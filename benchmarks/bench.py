@@ -172,8 +172,12 @@ def throughput(model, tokenizer, args, common):
     cases = [(*size, False) for size in sizes]
     cases += [(*size, True) for size in sizes if args.word_timestamps]
     for batch_size, batch_seconds, timed in cases:
-        options = dict(batch_size=batch_size, chunk_seconds=max(lengths) + 1,
-                       word_timestamps=timed, batch_seconds=batch_seconds)  # fmt: skip
+        options = dict(
+            batch_size=batch_size,
+            chunk_seconds=max(lengths) + 1,
+            word_timestamps=timed,
+            batch_seconds=batch_seconds,
+        )
         walls = []
         for _ in range(2):  # the first pass also traces each new shape
             mx.reset_peak_memory()
@@ -219,13 +223,21 @@ def main():
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype (default: granite_nar's)",
     )
-    add("--keep-quantized", action="store_true",
-        help="keep quantized layers quantized (g.load(..., dequantize=False))")  # fmt: skip
+    add(
+        "--keep-quantized",
+        action="store_true",
+        help="keep quantized layers quantized (g.load(..., dequantize=False))",
+    )
     add("--peer", action="store_true", help="also time mlx-audio on the same weights")
     add("--clips", type=int, help="time throughput instead, over this many LibriSpeech-like clips")
     add("--batch-sizes", type=int, nargs="+", default=[32, 128], help="throughput: batch sizes")
-    add("--batch-seconds", type=float, nargs="+", default=[g.BATCH_SECONDS],
-        help="throughput: padded audio in a batch, at most (each with each size)")  # fmt: skip
+    add(
+        "--batch-seconds",
+        type=float,
+        nargs="+",
+        default=[g.BATCH_SECONDS],
+        help="throughput: padded audio in a batch, at most (each with each size)",
+    )
     add("--word-timestamps", action="store_true", help="also time word timestamps (ctc_align)")
     args = parser.parse_args()
 
@@ -243,8 +255,10 @@ def main():
     if args.clips:
         return throughput(model, tokenizer, args, common)
     vocab, timed = model.args.editor.vocab_size, args.word_timestamps
-    cases = [(seconds, synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens, vocab))
-             for seconds in args.seconds]  # fmt: skip
+    cases = [
+        (seconds, synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens, vocab))
+        for seconds in args.seconds
+    ]
     stages = {}  # first, alone in memory: the stage passes, which wait after each stage
     for seconds, waveform, _ in cases:
         stages[seconds] = stages_ms(model, tokenizer, [waveform], args.hyp_tokens, timed)
@@ -301,9 +315,15 @@ def load_peer(model_dir, dtype):
 
 
 def latency_row(impl, common, seconds, hypothesis, median, peak):
-    return {"impl": impl, **common, "seconds_audio": seconds, "hyp_tokens": len(hypothesis),
-            "median_ms": round(1000 * median, 2), "speed": round(seconds / median, 1),
-            "peak_mem_gb": round(peak, 3)}  # fmt: skip
+    return {
+        "impl": impl,
+        **common,
+        "seconds_audio": seconds,
+        "hyp_tokens": len(hypothesis),
+        "median_ms": round(1000 * median, 2),
+        "speed": round(seconds / median, 1),
+        "peak_mem_gb": round(peak, 3),
+    }
 
 
 if __name__ == "__main__":

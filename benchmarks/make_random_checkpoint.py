@@ -29,15 +29,49 @@ import mlx.core as mx
 DEV = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dev" / "checkpoint"
 
 SIZES = {  # full: Granite Speech 4.1 2B NAR; small: the dev fixture's sizes
-    "full": dict(L=16, D=1024, heads=8, dim_head=128, C=348, context=200, max_pos=512, s=8,
-                 V=100352, blank=100257,
-                 H=2048, q_heads=32, llm=2048, e_layers=40, e_heads=16, kv_heads=4, inter=4096,
-                 attn_mult=0.0078125, layer_idx=[4, 8, 12, -1]),
-    "small": dict(L=4, D=64, heads=4, dim_head=16, C=12, context=50, max_pos=64, s=2,
-                  V=357, blank=353,
-                  H=128, q_heads=4, llm=96, e_layers=2, e_heads=4, kv_heads=2, inter=192,
-                  attn_mult=0.0625, layer_idx=[1, 2, 3, -1]),
-}  # fmt: skip
+    "full": dict(
+        L=16,
+        D=1024,
+        heads=8,
+        dim_head=128,
+        C=348,
+        context=200,
+        max_pos=512,
+        s=8,
+        V=100352,
+        blank=100257,
+        H=2048,
+        q_heads=32,
+        llm=2048,
+        e_layers=40,
+        e_heads=16,
+        kv_heads=4,
+        inter=4096,
+        attn_mult=0.0078125,
+        layer_idx=[4, 8, 12, -1],
+    ),
+    "small": dict(
+        L=4,
+        D=64,
+        heads=4,
+        dim_head=16,
+        C=12,
+        context=50,
+        max_pos=64,
+        s=2,
+        V=357,
+        blank=353,
+        H=128,
+        q_heads=4,
+        llm=96,
+        e_layers=2,
+        e_heads=4,
+        kv_heads=2,
+        inter=192,
+        attn_mult=0.0625,
+        layer_idx=[1, 2, 3, -1],
+    ),
+}
 
 
 def make_config(z):
@@ -45,18 +79,32 @@ def make_config(z):
         (DEV / "config.json").read_text()
     )  # same structure and constants, sizes replaced
     config["encoder_config"].update(
-        num_layers=z["L"], hidden_dim=z["D"], num_heads=z["heads"], dim_head=z["dim_head"],
-        output_dim=z["C"], context_size=z["context"], max_pos_emb=z["max_pos"],
-        self_conditioning_layer=z["s"], bpe_output_dim=z["V"],
-        blank_token_id=z["blank"])  # fmt: skip
+        num_layers=z["L"],
+        hidden_dim=z["D"],
+        num_heads=z["heads"],
+        dim_head=z["dim_head"],
+        output_dim=z["C"],
+        context_size=z["context"],
+        max_pos_emb=z["max_pos"],
+        self_conditioning_layer=z["s"],
+        bpe_output_dim=z["V"],
+        blank_token_id=z["blank"],
+    )
     config["projector_config"].update(
         encoder_dim=z["D"], hidden_size=z["H"], num_heads=z["q_heads"], llm_dim=z["llm"]
     )
     config["text_config"].update(
-        vocab_size=z["V"], hidden_size=z["llm"], intermediate_size=z["inter"],
-        num_hidden_layers=z["e_layers"], num_attention_heads=z["e_heads"],
-        num_key_value_heads=z["kv_heads"], attention_multiplier=z["attn_mult"],
-        bos_token_id=z["blank"], eos_token_id=z["blank"], pad_token_id=z["blank"] - 1)  # fmt: skip
+        vocab_size=z["V"],
+        hidden_size=z["llm"],
+        intermediate_size=z["inter"],
+        num_hidden_layers=z["e_layers"],
+        num_attention_heads=z["e_heads"],
+        num_key_value_heads=z["kv_heads"],
+        attention_multiplier=z["attn_mult"],
+        bos_token_id=z["blank"],
+        eos_token_id=z["blank"],
+        pad_token_id=z["blank"] - 1,
+    )
     config.update(encoder_layer_indices=z["layer_idx"], blank_token_id=z["blank"])
     return config
 

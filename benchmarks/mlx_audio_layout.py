@@ -18,8 +18,10 @@ def to_mlx_audio_dir(model_dir, out, dtype=None):
     text = config["text_config"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     n_q, n_kv = text["num_attention_heads"] * head_dim, text["num_key_value_heads"] * head_dim
-    stacked = {".qkv_proj.": ([".q_proj.", ".k_proj.", ".v_proj."], [n_q, n_q + n_kv]),
-               ".gate_up_proj.": ([".gate_proj.", ".up_proj."], 2)}  # fmt: skip
+    stacked = {
+        ".qkv_proj.": ([".q_proj.", ".k_proj.", ".v_proj."], [n_q, n_q + n_kv]),
+        ".gate_up_proj.": ([".gate_proj.", ".up_proj."], 2),
+    }
     weights = {}
     for key, value in mx.load(str(model_dir / "model.safetensors")).items():
         key = key.replace(".conv.batch_norm.", ".conv.bn.")

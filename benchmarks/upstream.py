@@ -31,9 +31,12 @@ from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 # IBM's original layout -> the module names of transformers' GraniteSpeechNarForCTC
-RENAMES = [("encoder.", "model.encoder."), ("projector.", "model.projector."),
-           ("language_model.model.", "model.language_model."),
-           ("language_model.lm_head.", "lm_head.")]  # fmt: skip
+RENAMES = [
+    ("encoder.", "model.encoder."),
+    ("projector.", "model.projector."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+]
 
 
 class FixedHypotheses:
@@ -143,9 +146,14 @@ def main():
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     upstream = Upstream(args.checkpoint, device, getattr(torch, args.dtype))
-    common = {"impl": "upstream-pytorch", "backend": "gpu" if device == "cuda" else "cpu",
-              "dtype": args.dtype, "torch": torch.__version__,
-              "transformers": transformers.__version__, "attention": "sdpa"}  # fmt: skip
+    common = {
+        "impl": "upstream-pytorch",
+        "backend": "gpu" if device == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attention": "sdpa",
+    }
     if not args.clips:
         for seconds in args.seconds:
             waveform = synthetic_audio(seconds)
@@ -154,9 +162,14 @@ def main():
             median = statistics.median(
                 timed(lambda: upstream.transcribe([waveform])) for _ in range(args.reps)
             )
-            row = {**common, "seconds_audio": seconds, "hyp_tokens": round(2.8 * seconds),
-                   "median_ms": round(1000 * median, 2), "speed": round(seconds / median, 1),
-                   "peak_mem_gb": peak_gb()}  # fmt: skip
+            row = {
+                **common,
+                "seconds_audio": seconds,
+                "hyp_tokens": round(2.8 * seconds),
+                "median_ms": round(1000 * median, 2),
+                "speed": round(seconds / median, 1),
+                "peak_mem_gb": peak_gb(),
+            }
             print(json.dumps(row), flush=True)
         return
     lengths = librispeech_like_lengths(args.clips)
@@ -168,11 +181,16 @@ def main():
         batches = [waveforms[i : i + batch_size] for i in range(0, len(waveforms), batch_size)]
         reset_peak()
         walls = [timed(lambda: [upstream.transcribe(b) for b in batches]) for _ in range(2)]
-        row = {**common, "batch_size": batch_size, "clips": args.clips,
-               "seconds_audio": round(seconds, 1), "wall_s": round(walls[1], 3),
-               "speed": round(seconds / walls[1], 1),
-               "first_pass_speed": round(seconds / walls[0], 1),
-               "peak_mem_gb": peak_gb()}  # fmt: skip
+        row = {
+            **common,
+            "batch_size": batch_size,
+            "clips": args.clips,
+            "seconds_audio": round(seconds, 1),
+            "wall_s": round(walls[1], 3),
+            "speed": round(seconds / walls[1], 1),
+            "first_pass_speed": round(seconds / walls[0], 1),
+            "peak_mem_gb": peak_gb(),
+        }
         print(json.dumps(row), flush=True)
 
 

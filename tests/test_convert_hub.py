@@ -116,7 +116,7 @@ def test_cli_offline_download_fails_in_one_line(tmp_path):
     repo = "nonexistent-owner/nonexistent-model"
     status, lines = _convert_cli(tmp_path, repo)
     assert status == 1 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: cannot download {repo} from the Hugging Face Hub"), lines
+    assert lines[0].startswith(f"error: {repo} is neither a local directory nor a Hub repo"), lines
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 

@@ -707,8 +707,7 @@ def test_cli_subtitles(fmt, model_dir, long_file, tmp_path):
     assert len(cues) >= 3
     assert_cue_times(cues, LONG_SECONDS, slack=FRAME)  # the last pooled frame may pass the end
     assert any(start > 30 for start, _, _ in cues)  # the second window
-    resolved = long_file.resolve()
-    written = out / resolved.relative_to(resolved.anchor).parent / (long_file.name + "." + fmt)
+    written = out / (long_file.name + "." + fmt)  # outside the working directory: its name
     assert written.read_text(encoding="utf-8") == stdout
 
 
