@@ -1670,6 +1670,14 @@ SUFFIXES = {"text": ".txt", "txt": ".txt", "json": ".json", "tsv": ".tsv", "srt"
 SUFFIXES["vtt"] = ".vtt"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the examples' lines and gives each option's default (not None or False)."""
+
+    def _get_help_string(self, action):
+        shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+        return f"{action.help} (default: {action.default})" if shown else action.help
+
+
 def _at_least_one(text):
     """argparse type: a whole number of at least 1."""
     if not text.isdigit() or int(text) < 1:
@@ -1679,79 +1687,26 @@ def _at_least_one(text):
 
 def _parse_args():
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the examples' lines
+        description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=_HelpFormatter
     )
-    add = parser.add_argument
+    add, formats = parser.add_argument, f"json (a line each: {', '.join(COLUMNS)}), tsv, srt, vtt"
+    seconds, whole = dict(type=float, metavar="S"), dict(type=int, metavar="N")
+    lines = dict(type=_at_least_one, metavar="N")
     add("audio", nargs="+", help="audio files, directories (their audio files, by name), or -")
-    add(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="DIR|REPO",
-        help="a model directory or Hub repo id (default: %(default)s)",
-    )
-    add(
-        "--chunk-seconds",
-        type=float,
-        default=CHUNK_SECONDS,
-        metavar="S",
-        help="windows of about S s for long audio (default: %(default)g)",
-    )
-    add("--editing-steps", type=int, default=1, metavar="N", help="editor passes (default: 1)")
-    add(
-        "--batch-size",
-        type=int,
-        default=BATCH_SIZE,
-        metavar="N",
-        help="windows transcribed together, at most (default: %(default)s)",
-    )
-    add(
-        "--batch-seconds",
-        type=float,
-        default=BATCH_SECONDS,
-        metavar="S",
-        help="audio in a batch, counted padded, at most (default: %(default)s)",
-    )
-    add(
-        "--output-format",
-        choices=SUFFIXES,
-        default="text",
-        help=f"text (or txt), json (a line each: {', '.join(COLUMNS)}), tsv, srt or vtt",
-    )
-    add(
-        "--output-dir",
-        type=Path,
-        metavar="DIR",
-        help="also write DIR/<input path>.txt, ... (- as DIR/stdin.txt)",
-    )
-    add(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype (default: float32 on a CPU, bfloat16 on a GPU)",
-    )
-    add(
-        "--verbose",
-        action="store_true",
-        help="also print the load time, a summary and any dequantization to stderr",
-    )
+    add("--model", default=DEFAULT_MODEL, metavar="DIR|REPO", help="model directory or Hub repo")
+    add("--chunk-seconds", **seconds, default=CHUNK_SECONDS, help="window length (long audio)")
+    add("--editing-steps", **whole, default=1, help="editor passes")
+    add("--batch-size", **whole, default=BATCH_SIZE, help="windows a batch, at most")
+    add("--batch-seconds", **seconds, default=BATCH_SECONDS, help="padded audio a batch, at most")
+    add("--output-format", choices=SUFFIXES, default="text", help=f"text (or txt), {formats}")
+    add("--output-dir", type=Path, metavar="DIR", help="also write DIR/<input path>.txt, ...")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="float32 on a CPU, else bf16")
+    add("--verbose", action="store_true", help="also print the load time and a summary")
     add("--quiet", action="store_true", help="print only transcripts and errors")
     add("--word-timestamps", action="store_true", help="json: add segments with timed words")
     add("--skip-existing", action="store_true", help="skip files whose --output-dir output exists")
-    add(
-        "--max-line-width",
-        type=_at_least_one,
-        default=42,
-        metavar="N",
-        help="srt, vtt: characters a line (default: %(default)s)",
-    )
-    add(
-        "--max-line-count",
-        type=_at_least_one,
-        default=2,
-        metavar="N",
-        help="srt, vtt: lines a cue (default: %(default)s)",
-    )
+    add("--max-line-width", **lines, default=42, help="srt, vtt: characters a line")
+    add("--max-line-count", **lines, default=2, help="srt, vtt: lines a cue")
     add("--version", action="version", version=f"granite_nar {__version__}")
     args = parser.parse_args()
     args.output_format = "text" if args.output_format == "txt" else args.output_format
