@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -1065,35 +1066,45 @@ def audio_name(audio):
     return "-" if name in ("<stdin>", 0) else str(name)
 
 
-class WavStream:
-    """A WAV file read front to back, never seeking: standard input as it arrives. A data size
-    of 0 or 0xFFFFFFFF (what ffmpeg, sox and Python's wave write to a pipe) reads to the end.
+def wav_header(f, name):
+    """Read a WAV header from f (after its first 12 bytes: RIFF, size, WAVE), up to its samples:
+    (sample rate, channels, sample type, bytes of samples or None when the header cannot know)."""
+    fmt, kind = None, None
+    while (chunk := f.read(8)) and len(chunk) == 8:
+        kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+        if kind == b"data":
+            break
+        body = f.read(size + size % 2)  # chunks are padded to even sizes
+        fmt = body if kind == b"fmt " else fmt
+    if fmt is None or len(fmt) < 16 or kind != b"data":
+        raise ValueError(f"{name}: cannot read it as audio (a WAV without fmt or data)")
+    tag, channels = int.from_bytes(fmt[:2], "little"), int.from_bytes(fmt[2:4], "little")
+    rate, bits = int.from_bytes(fmt[4:8], "little"), fmt[14] + 256 * fmt[15]
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: its GUID opens with it
+        tag = int.from_bytes(fmt[24:26], "little")
+    if (tag, bits) not in WAV_SAMPLES or not channels or not rate:
+        raise ValueError(
+            f"{name}: cannot read a WAV of format {tag} ({bits} bits, {channels} channels, "
+            f"{rate} Hz) as it arrives: give PCM or float samples"
+        )
+    return rate, channels, WAV_SAMPLES[tag, bits], None if size in UNKNOWN_LENGTH else size
+
+
+class PcmStream:
+    """Samples read front to back from a file object, never seeking: standard input as it
+    arrives (a WAV stream after wav_header, or headerless PCM), to the end or `size` bytes.
     Reads like a soundfile.SoundFile: samplerate, read(frames) -> float32 (frames, channels)."""
 
-    format = "WAV"
+    format = "PCM"
 
-    def __init__(self, f, name, close):  # f: after its first 12 bytes (RIFF, size, WAVE)
-        self.f, self.name, self.close = f, name, close
-        fmt, kind = None, None
-        while (chunk := f.read(8)) and len(chunk) == 8:
-            kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
-            if kind == b"data":
-                break
-            body = f.read(size + size % 2)  # chunks are padded to even sizes
-            fmt = body if kind == b"fmt " else fmt
-        if fmt is None or len(fmt) < 16 or kind != b"data":
-            raise ValueError(f"{name}: cannot read it as audio (a WAV without fmt or data)")
-        tag, self.channels = int.from_bytes(fmt[:2], "little"), int.from_bytes(fmt[2:4], "little")
-        self.samplerate, bits = int.from_bytes(fmt[4:8], "little"), fmt[14] + 256 * fmt[15]
-        if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: its GUID opens with it
-            tag = int.from_bytes(fmt[24:26], "little")
-        if (tag, bits) not in WAV_SAMPLES or not self.channels or not self.samplerate:
-            raise ValueError(
-                f"{name}: cannot read a WAV of format {tag} ({bits} bits, {self.channels} "
-                f"channels, {self.samplerate} Hz) as it arrives: give PCM or float samples"
-            )
-        self.dtype = np.dtype(WAV_SAMPLES[tag, bits])
-        self.left = None if size in UNKNOWN_LENGTH else size  # bytes of samples yet to read
+    def __init__(self, f, samplerate, channels=1, dtype="<i2", size=None, name="-", close=False):
+        self.f, self.samplerate, self.channels, self.dtype = (
+            f,
+            samplerate,
+            channels,
+            np.dtype(dtype),
+        )
+        self.left, self.name, self.close = size, name, close  # bytes of samples yet to read
 
     def __enter__(self):
         return self
@@ -1122,9 +1133,11 @@ class WavStream:
 
 
 def _open_audio(audio):
-    """A path or a file object -> an open soundfile.SoundFile, or a WavStream for a WAV whose
+    """A path or a file object -> an open soundfile.SoundFile, or a PcmStream for a WAV whose
     header does not know its length or that cannot seek (a pipe); an error names the input."""
     name, is_file = audio_name(audio), hasattr(audio, "read")
+    if isinstance(audio, PcmStream):
+        return audio
     if not is_file and not Path(audio).is_file():
         raise FileNotFoundError(f"audio file not found: {audio}")
     f = audio if is_file else open(audio, "rb")
@@ -1134,7 +1147,7 @@ def _open_audio(audio):
     if not head:
         raise ValueError(f"{name}: the file is empty (0 bytes)")
     if head[:4] == b"RIFF" and head[8:] == b"WAVE":
-        wav = WavStream(f, name, close=not is_file)
+        wav = PcmStream(f, *wav_header(f, name), name=name, close=not is_file)
         if not seekable or wav.left is None:
             return wav
     if seekable:
@@ -1260,11 +1273,7 @@ def max_chunk_seconds(args):
 
 
 def check_options(
-    args,
-    batch_size=BATCH_SIZE,
-    chunk_seconds=CHUNK_SECONDS,
-    editing_steps=1,
-    batch_seconds=BATCH_SECONDS,
+    args, batch_size=1, chunk_seconds=1, editing_steps=1, batch_seconds=1, update_seconds=1
 ):
     """Raise a ValueError, its first word the option's name, for an option out of range for a
     model of ModelArgs args (config.json is enough: the CLI checks before it loads)."""
@@ -1277,27 +1286,34 @@ def check_options(
             f"chunk_seconds must be between 1 and {longest} (s that fit the editor's positions), "
             f"got {chunk_seconds:g}"
         )
-    if not 0 < batch_seconds <= math.inf:
-        raise ValueError(f"batch_seconds must be positive, got {batch_seconds:g}")
+    for name, value in (("batch_seconds", batch_seconds), ("update_seconds", update_seconds)):
+        if not 0 < value <= math.inf:
+            raise ValueError(f"{name} must be positive, got {value:g}")
+
+
+def window_cut(buffer, chunk_seconds, at_end):
+    """Where a window that starts a buffer of 16 kHz samples ends: at the middle of the quietest
+    20 ms frame (least energy; on ties the nearest) within CUT_SEARCH_SECONDS (at most a quarter
+    window) of chunk_seconds, so words are rarely cut. None while that cannot be decided: until
+    the search range and a frame after it are here, and at the end while it fits one window."""
+    chunk = round(chunk_seconds * SAMPLE_RATE)
+    radius, frame = min(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), chunk // 4), SAMPLES_PER_FRAME
+    if len(buffer) < chunk + radius + frame and not (at_end and len(buffer) > chunk):
+        return None
+    cuts = np.arange(chunk - radius, min(chunk + radius, len(buffer) - frame) + 1, frame)
+    frames = buffer[cuts[0] - frame // 2 : cuts[-1] + frame // 2].reshape(len(cuts), frame)
+    energy = np.square(frames, dtype=np.float64).sum(axis=1)
+    return int(cuts[np.lexsort((np.abs(cuts - chunk), energy))[0]])
 
 
 def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
-    """Cut a stream of 16 kHz blocks into consecutive windows, holding at most one window and
-    its margin. Audio up to chunk_seconds (at least 1) is one window. Longer, each window ends at
-    the middle of the quietest 20 ms frame (least energy; on ties the nearest) within
-    CUT_SEARCH_SECONDS (at most a quarter window) of chunk_seconds after its start, so words are
-    rarely cut. Every sample is in exactly one window; every window has an encoder frame."""
-    chunk = round(chunk_seconds * SAMPLE_RATE)
-    radius, frame = min(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), chunk // 4), SAMPLES_PER_FRAME
+    """Cut a stream of 16 kHz blocks into consecutive windows at window_cut, holding at most one
+    window and its margin: audio up to chunk_seconds (at least 1) is one window. Every sample is
+    in exactly one window; every window has an encoder frame."""
     buffer = np.zeros(0, np.float32)
     for block in itertools.chain(blocks, [None]):  # None: the end
         buffer = buffer if block is None else np.concatenate([buffer, block])
-        # cut once the search range and a frame after it are here; at the end, while too long
-        while len(buffer) >= chunk + radius + frame or (block is None and len(buffer) > chunk):
-            cuts = np.arange(chunk - radius, min(chunk + radius, len(buffer) - frame) + 1, frame)
-            frames = buffer[cuts[0] - frame // 2 : cuts[-1] + frame // 2].reshape(len(cuts), frame)
-            energy = np.square(frames, dtype=np.float64).sum(axis=1)
-            cut = cuts[np.lexsort((np.abs(cuts - chunk), energy))[0]]
+        while (cut := window_cut(buffer, chunk_seconds, block is None)) is not None:
             yield buffer[:cut]
             buffer = buffer[cut:]
     if len(buffer):
@@ -1528,31 +1544,41 @@ def batch_windows(windows, batch_size, batch_seconds):
         yield batch, prepare_batch([samples for _, samples in batch])
 
 
-def prefetch(items, size=2):
-    """Iterate over `items` in a thread, at most `size` ahead: the next batches are read and
-    prepared while the device works. An exception there is raised here."""
-    ready, stop, end = queue.Queue(size), threading.Event(), object()
+class Prefetch:
+    """Iterate over `items` read in a thread, at most `size` ahead: the next batches are read
+    and prepared while the device works, a live stream read while it is transcribed. An
+    exception there is raised here."""
 
-    def produce():
+    END = object()
+
+    def __init__(self, items, size=2):
+        self.ready, self.stop = queue.Queue(size), threading.Event()
+        threading.Thread(target=self._produce, args=(items,), daemon=True).start()
+
+    def _produce(self, items):
         try:
             for item in items:
-                ready.put(item)
-                if stop.is_set():  # the consumer is gone
+                self.ready.put(item)
+                if self.stop.is_set():  # the consumer is gone
                     return
-            ready.put(end)
+            self.ready.put(self.END)
         except Exception as e:
-            ready.put(e)
+            self.ready.put(e)
 
-    threading.Thread(target=produce, daemon=True).start()
-    try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:  # stopped early: free a place so that the thread can see the stop
-        stop.set()
-        while not ready.empty():
-            ready.get_nowait()
+    def __iter__(self):
+        try:
+            while (item := self.ready.get()) is not self.END:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:  # stopped early: free a place so that the thread can see the stop
+            self.stop.set()
+            while not self.ready.empty():
+                self.ready.get_nowait()
+
+    def waiting(self):
+        """Whether the next item is here already."""
+        return not self.ready.empty()
 
 
 def finish_windows(model, tokenizer, batch, encoded, edited, since, word_timestamps):
@@ -1596,7 +1622,7 @@ def transcribe_stream(
     windows come in order, the last with last=True, or with `error` when it failed to read."""
     check_options(model.args, batch_size, chunk_seconds, editing_steps, batch_seconds)
     windows = read_windows(audios, sample_rate, chunk_seconds)
-    batches = prefetch(batch_windows(windows, batch_size, batch_seconds))
+    batches = Prefetch(batch_windows(windows, batch_size, batch_seconds))
     # As mlx-lm's generate_step: the device runs a batch's editor and the next batch's encoder
     # while the host finishes the batch before (benchmarks/README.md). next(queued) reads the
     # next prepared batch and queues its encoder pass.
@@ -1653,6 +1679,70 @@ def transcribe(
     return texts if isinstance(audio, (list, tuple)) else texts[0]
 
 
+# ---- live transcription ----
+
+LIVE_READ_SECONDS = 0.1  # a live stream is read this much at a time
+
+
+@dataclass
+class Event:
+    """What transcribe_live yields: the text of the open window so far (a partial), or of a
+    window that closed (final: never revised)."""
+
+    start: float  # seconds into the stream
+    end: float
+    text: str
+    final: bool
+    words: list = None  # with word_timestamps: {word, start, end, confidence}, in stream time
+    elapsed: float = 0.0  # seconds its pass took
+
+
+def _live_event(model, tokenizer, samples, start, final, editing_steps, word_timestamps):
+    """One pass over a window's samples (its first at sample `start` of the stream) -> Event."""
+    tic, t0, seconds = time.perf_counter(), start / SAMPLE_RATE, len(samples) / SAMPLE_RATE
+    result = transcribe_waveforms(model, tokenizer, [samples], editing_steps, word_timestamps)
+    text, words = (result[0][0], result[1][0]) if word_timestamps else (result[0], None)
+    words = None if words is None else _shift(words, t0, seconds)
+    return Event(t0, t0 + seconds, text, final, words, time.perf_counter() - tic)
+
+
+def transcribe_live(
+    model,
+    tokenizer,
+    blocks,
+    chunk_seconds=CHUNK_SECONDS,
+    update_seconds=1.0,
+    editing_steps=1,
+    word_timestamps=False,
+):
+    """Transcribe audio as it arrives. blocks: any iterable of float32 mono 16 kHz arrays of any
+    size (a pipe, a microphone's queue), read in a thread. Windows close at window_cut; each
+    closed window gives a final Event, exactly transcribe's for that window (the finals' texts
+    joined by join_windows are transcribe's with the same chunk_seconds, their words its words).
+    While a window is open, every update_seconds of new audio gives a partial Event of it so far,
+    skipped when more audio is waiting already. The end of blocks, an error reading them or
+    Ctrl-C (KeyboardInterrupt) closes the open window, then the error goes on."""
+    check_options(model.args, 1, chunk_seconds, editing_steps, update_seconds=update_seconds)
+    step, source = round(update_seconds * SAMPLE_RATE), Prefetch(blocks, size=64)
+    options = editing_steps, word_timestamps
+    buffer, start, shown = np.zeros(0, np.float32), 0, 0  # the open window; samples of its partial
+    try:
+        for block in itertools.chain(source, [None]):  # None: the end
+            buffer = buffer if block is None else np.concatenate([buffer, block])
+            while (cut := window_cut(buffer, chunk_seconds, block is None)) is not None:
+                yield _live_event(model, tokenizer, buffer[:cut], start, True, *options)
+                buffer, start, shown = buffer[cut:], start + cut, 0
+            if block is not None and len(buffer) - shown >= step and not source.waiting():
+                yield _live_event(model, tokenizer, buffer, start, False, *options)
+                shown = len(buffer)
+    except (KeyboardInterrupt, OSError, ValueError):
+        if len(buffer):
+            yield _live_event(model, tokenizer, buffer, start, True, *options)
+        raise
+    if len(buffer):
+        yield _live_event(model, tokenizer, buffer, start, True, *options)
+
+
 # ---- command line ----
 
 EXAMPLES = """examples:
@@ -1707,6 +1797,9 @@ def _parse_args():
     add("--skip-existing", action="store_true", help="skip files whose --output-dir output exists")
     add("--max-line-width", **lines, default=42, help="srt, vtt: characters a line")
     add("--max-line-count", **lines, default=2, help="srt, vtt: lines a cue")
+    add("--live", action="store_true", help="one input: print text while the audio arrives")
+    add("--update-seconds", **seconds, default=1.0, help="--live: new audio between partials")
+    add("--pcm-rate", type=_at_least_one, metavar="HZ", help="- is headerless 16-bit PCM at HZ")
     add("--version", action="version", version=f"granite_nar {__version__}")
     args = parser.parse_args()
     args.output_format = "text" if args.output_format == "txt" else args.output_format
@@ -1723,6 +1816,12 @@ def _check_args(parser, args):
         parser.error("- (standard input) can be given once")
     if args.skip_existing and not args.output_dir:
         parser.error("--skip-existing needs --output-dir: it skips the files whose outputs exist")
+    if args.pcm_rate and "-" not in args.audio:
+        parser.error("--pcm-rate is for - (standard input)")
+    if args.live and (len(args.audio) > 1 or Path(args.audio[0]).is_dir()):
+        parser.error("--live transcribes one input: a file or -")
+    if args.live and (args.output_dir or args.output_format == "tsv"):
+        parser.error("--live prints text, json, srt or vtt to standard output")
     try:
         config = read_config(model_path(args.model, ["config.json"]))
         model_args = ModelArgs.from_dict(from_native(config) or config)
@@ -1730,7 +1829,7 @@ def _check_args(parser, args):
         sys.exit(f"error: --model {args.model}: {e}")
     options = args.batch_size, args.chunk_seconds, args.editing_steps, args.batch_seconds
     try:
-        check_options(model_args, *options)
+        check_options(model_args, *options, args.update_seconds)
     except ValueError as e:  # its first word is the option's name
         name, rest = str(e).split(" ", 1)
         parser.error(f"--{name.replace('_', '-')} {rest}")
@@ -1763,13 +1862,18 @@ def _load_model(args):
     return model, tokenizer
 
 
-def _expand(names):
+def _stdin(pcm_rate):
+    """Standard input, read as it arrives: any audio file, or headerless 16-bit PCM."""
+    return sys.stdin.buffer if pcm_rate is None else PcmStream(sys.stdin.buffer, pcm_rate)
+
+
+def _expand(names, pcm_rate=None):
     """CLI arguments -> (inputs: paths, or standard input for -; notes and errors to print)."""
     inputs, messages = [], []
     for name in names:
         path = Path(name)
         if name == "-":
-            inputs.append(sys.stdin.buffer)  # read as it arrives
+            inputs.append(_stdin(pcm_rate))
         elif path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav files)
             files = sorted(p for p in path.iterdir() if p.is_file() and p.name[0] != ".")
             audio = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
@@ -1811,7 +1915,7 @@ def _inputs(args, ranks):
     a directory given has its files, and with --skip-existing those whose outputs exist go."""
     if ranks > 1 and "-" in args.audio:
         sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
-    inputs, messages = _expand(args.audio)
+    inputs, messages = _expand(args.audio, args.pcm_rate)
     if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
         print(f"error: {args.output_format} of several inputs needs --output-dir", file=sys.stderr)
         sys.exit(2)
@@ -1889,6 +1993,8 @@ def main():
     args = _parse_args()
     _configure_messages(args)
     model, tokenizer = _load_model(args)
+    if args.live:
+        return _live(model, tokenizer, args)
     group = mx.distributed.init()  # under mlx.launch: several ranks, each with its share
     inputs, outputs, failed = _inputs(args, group.size())
     mine = _shard(inputs, group.size(), group.rank())
@@ -1919,6 +2025,69 @@ def main():
             file=sys.stderr,
         )
     return 1 if failed else 0
+
+
+def _live(model, tokenizer, args):
+    """--live: one input transcribed as it arrives, its events printed as they come
+    (LiveOutput). Returns the exit status; Ctrl-C prints the open window first."""
+    source = _stdin(args.pcm_rate) if args.audio[0] == "-" else Path(args.audio[0])
+    timed = args.word_timestamps or args.output_format in ("srt", "vtt")
+    blocks = _audio_blocks(source, block_seconds=LIVE_READ_SECONDS)
+    options = args.chunk_seconds, args.update_seconds, args.editing_steps, timed
+    output = LiveOutput(args)
+    try:
+        for event in transcribe_live(model, tokenizer, blocks, *options):
+            output.show(event)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class LiveOutput:
+    """Prints transcribe_live's events: text on a terminal, the open window's partial text
+    rewritten in place on one line and each final as a line; text to a pipe, finals only; json,
+    every event as a line; srt and vtt, the cues of each final as its window closes. Says once
+    when this machine is slower than real time."""
+
+    def __init__(self, args):
+        self.args, self.tty, self.slow = args, sys.stdout.isatty(), False
+        self.segments, self.printed = [], ""  # srt, vtt: every final's, and what was printed
+
+    def show(self, event):
+        if self.args.output_format == "json":
+            print(self.json(event), flush=True)
+        elif self.args.output_format in ("srt", "vtt") and event.final:
+            print(self.new_cues(event), end="", flush=True)
+        elif self.tty:  # \r: back to the line's start; \x1b[K: clear it
+            width = shutil.get_terminal_size().columns - 1
+            text = event.text.strip() if event.final else event.text.strip()[-width:]
+            print(f"\r\x1b[K{text}", end="\n" if event.final else "", flush=True)
+        elif event.final and event.text.strip():
+            print(event.text.strip(), flush=True)
+        if event.elapsed > event.end - event.start and not self.slow:
+            speed = (event.end - event.start) / event.elapsed
+            print(
+                f"warning: this machine transcribes at {speed:.2f}x real time: "
+                "finals will come late (nothing is dropped)",
+                file=sys.stderr,
+            )
+            self.slow = True
+
+    def json(self, event):
+        record = {"start": round(event.start, 3), "end": round(event.end, 3)}
+        record.update(text=event.text, final=event.final)
+        if self.args.word_timestamps:
+            record["words"] = event.words
+        return json.dumps(record, ensure_ascii=False)
+
+    def new_cues(self, event):
+        """The cues of a final's words (numbered on from the last), as subtitles writes them."""
+        width, count = self.args.max_line_width, self.args.max_line_count
+        self.segments += split_segments(event.words, width, count)
+        cues = subtitles(self.segments, self.args.output_format == "vtt", width, count)
+        new, self.printed = cues[len(self.printed) :], cues
+        return new
 
 
 def _shard(inputs, size, rank):
