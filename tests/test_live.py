@@ -1,0 +1,262 @@
+"""Live transcription: transcribe_live and `granite_nar.py --live`, fed as audio arrives.
+
+The finals must be the offline result exactly (transcribe with the same chunk_seconds), partials
+must describe the open window, and standard input is read as it arrives (a WAV stream whose
+header does not know its length, or headerless PCM), in flat memory.
+"""
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import granite_nar as g  # noqa: E402
+
+AUDIO = ROOT / "tests" / "fixtures" / "dev" / "audio.wav"
+SR = g.SAMPLE_RATE
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """15.7 s: the fixture clip at four levels with half-second pauses (4 windows of 4 s)."""
+    x = g.load_audio(AUDIO)
+    return np.concatenate(
+        [np.concatenate([x * (0.5 + 0.2 * i), np.zeros(SR // 2)]) for i in range(4)]
+    ).astype(np.float32)
+
+
+def odd_blocks(x, seed=0, pause=0.0):
+    rng, i = np.random.default_rng(seed), 0
+    while i < len(x):
+        n = int(rng.integers(1, 7000))
+        yield x[i : i + n]
+        i += n
+        time.sleep(pause * n / SR)
+
+
+@pytest.mark.parametrize("word_timestamps", [False, True])
+def test_finals_are_the_offline_result(loaded, speech, word_timestamps):
+    model, tokenizer = loaded
+    options = dict(chunk_seconds=4, word_timestamps=word_timestamps)
+    events = list(g.transcribe_live(model, tokenizer, odd_blocks(speech), **options))
+    offline = g.transcribe(model, tokenizer, speech, **options)
+    finals = [e for e in events if e.final]
+    assert len(finals) == 4
+    assert [e.start for e in finals[1:]] == [e.end for e in finals[:-1]]
+    assert finals[0].start == 0 and finals[-1].end == len(speech) / SR
+    text = g.join_windows([e.text for e in finals])
+    if word_timestamps:
+        assert text == offline["text"]
+        assert [w for e in finals for w in e.words] == [
+            w for s in offline["segments"] for w in s["words"]
+        ]
+    else:
+        assert text == offline
+        assert all(e.words is None for e in finals)
+
+
+def test_partials_describe_the_open_window(loaded, speech):
+    # fed at about 4x real time: the passes keep up, so partials come every 0.5 s of audio
+    model, tokenizer = loaded
+    blocks = odd_blocks(speech, seed=1, pause=0.25)
+    events = list(g.transcribe_live(model, tokenizer, blocks, chunk_seconds=4, update_seconds=0.5))
+    finals = [e for e in events if e.final]
+    partials = [e for e in events if not e.final]
+    assert len(partials) >= 4
+    assert g.join_windows([e.text for e in finals]) == g.transcribe(
+        model, tokenizer, speech, chunk_seconds=4
+    )
+    for event in partials:  # the window it belongs to is the next final
+        final = next(f for f in finals if f.start == event.start)
+        assert events.index(event) < events.index(final)
+        assert event.start < event.end <= len(speech) / SR
+        alone = g.transcribe(
+            model, tokenizer, speech[round(event.start * SR) : round(event.end * SR)]
+        )
+        assert event.text == alone
+
+
+def test_partials_are_skipped_when_behind(loaded, speech):
+    # fed as fast as possible, more audio is always waiting: no partial, the same finals
+    model, tokenizer = loaded
+    events = list(
+        g.transcribe_live(model, tokenizer, odd_blocks(speech), chunk_seconds=4, update_seconds=0.1)
+    )
+    assert all(e.final for e in events) and len(events) == 4
+
+
+def test_errors_and_interrupts_close_the_open_window(loaded, speech):
+    model, tokenizer = loaded
+
+    def failing(error):
+        yield speech[: 5 * SR]
+        raise error
+
+    for error in (ValueError("-: unreadable after 5.0 s"), KeyboardInterrupt()):
+        events = []
+        with pytest.raises(type(error)):
+            for event in g.transcribe_live(model, tokenizer, failing(error), chunk_seconds=4):
+                events.append(event)
+        assert [e.final for e in events] == [True, True]  # the window closed, then the rest
+        assert events[-1].end == 5.0
+    with pytest.raises(ValueError, match="update_seconds must be positive"):
+        next(g.transcribe_live(model, tokenizer, [speech], update_seconds=0))
+    with pytest.raises(ValueError, match="chunk_seconds must be between 1 and"):
+        next(g.transcribe_live(model, tokenizer, [speech], chunk_seconds=0.5))
+
+
+# ---- the command line ----
+
+
+def streamed_wav(x, subtype="PCM_16"):
+    """WAV bytes as ffmpeg writes them to a pipe: RIFF and data sizes 0xFFFFFFFF."""
+    buffer = io.BytesIO()
+    sf.write(buffer, x, SR, format="WAV", subtype=subtype)
+    data = bytearray(buffer.getvalue())
+    data[4:8] = b"\xff\xff\xff\xff"
+    i = data.find(b"data")
+    data[i + 4 : i + 8] = b"\xff\xff\xff\xff"
+    return bytes(data)
+
+
+def feed_live(model_dir, data, *options, pace=0.05, step=6400):
+    """Write data to `granite_nar.py - --live` slowly; return (events with their arrival times,
+    the time the writer finished, stderr)."""
+    command = [sys.executable, "granite_nar.py", "-", "--live", "--model", str(model_dir)]
+    command += ["--output-format", "json", "--chunk-seconds", "4", *options]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    start, events = time.perf_counter(), []
+
+    def read():
+        for line in process.stdout:
+            events.append((time.perf_counter() - start, json.loads(line)))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(0, len(data), step):
+        process.stdin.write(data[i : i + step])
+        process.stdin.flush()
+        time.sleep(pace)
+    written = time.perf_counter() - start
+    process.stdin.close()
+    process.wait(timeout=120)
+    reader.join()
+    assert process.returncode == 0, process.stderr.read()
+    return events, written, process.stderr.read().decode()
+
+
+@pytest.mark.parametrize("kind", ["wav", "pcm"])
+def test_cli_live_from_a_pipe(model_dir, speech, kind):
+    model, tokenizer = g.load(model_dir, dtype=mx.float32)
+    pcm = np.round(np.clip(speech, -1, 1 - 2**-15) * 32768).astype(np.int16)
+    offline = g.transcribe(model, tokenizer, pcm, chunk_seconds=4)
+    data = streamed_wav(pcm) if kind == "wav" else pcm.tobytes()
+    options = ["--pcm-rate", str(SR)] if kind == "pcm" else []
+    events, written, stderr = feed_live(model_dir, data, *options, "--dtype", "float32")
+    finals = [e for _, e in events if e["final"]]
+    assert g.join_windows([e["text"] for e in finals]) == offline
+    first_final = next(t for t, e in events if e["final"])
+    assert first_final < written  # text came while the audio was still arriving
+    assert "warning" not in stderr
+    assert list(events[0][1]) == ["start", "end", "text", "final"]
+
+
+def test_cli_live_text_srt_and_word_timestamps(model_dir, speech, tmp_path):
+    sf.write(tmp_path / "s.wav", speech, SR, subtype="FLOAT")
+    run = lambda *options: subprocess.run(
+        [
+            sys.executable,
+            "granite_nar.py",
+            tmp_path / "s.wav",
+            "--model",
+            model_dir,
+            "--chunk-seconds",
+            "4",
+            "--dtype",
+            "float32",
+            *options,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+    )
+    model, tokenizer = g.load(model_dir, dtype=mx.float32)
+    offline = g.transcribe(
+        model, tokenizer, tmp_path / "s.wav", chunk_seconds=4, word_timestamps=True
+    )
+    text = run("--live")  # to a pipe: finals only, a line each
+    assert text.returncode == 0, text.stderr
+    assert " ".join(text.stdout.splitlines()) == offline["text"]
+    timed = run("--live", "--output-format", "json", "--word-timestamps")
+    words = [w for line in timed.stdout.splitlines() for w in json.loads(line)["words"]]
+    assert words == [w for s in offline["segments"] for w in s["words"]]
+    srt = run("--live", "--output-format", "srt", "--max-line-width", "20")
+    assert srt.returncode == 0 and srt.stdout.startswith("1\n00:00:0")
+    numbers = [int(line) for line in srt.stdout.splitlines() if line.isdigit()]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 4
+    for option in (
+        ["--output-format", "tsv"],
+        ["--output-dir", str(tmp_path)],
+        ["--update-seconds", "0"],
+    ):
+        assert run("--live", *option).returncode == 2
+    many = subprocess.run(
+        [sys.executable, "granite_nar.py", AUDIO, AUDIO, "--live", "--model", model_dir],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert many.returncode == 2 and "--live transcribes one input" in many.stderr
+
+
+PEAK_RSS = """import resource, subprocess, sys
+import numpy as np
+seconds = int(sys.argv[1])
+process = subprocess.Popen(sys.argv[2:], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+rng = np.random.default_rng(0)
+for second in range(seconds):  # tone bursts with a pause each second, as fast as possible
+    t = np.arange(16000) / 16000
+    x = 0.3 * np.sin(2 * np.pi * (200 + 50 * (second % 7)) * t) * (t < 0.8)
+    x = x + 0.01 * rng.standard_normal(16000)
+    process.stdin.write((x * 32767).astype(np.int16).tobytes())
+process.stdin.close()
+code = process.wait()
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_cli_live_memory_stays_flat(model_dir):
+    # 20 minutes fed as fast as possible take no more memory than 4: the open window, the
+    # blocks waiting (at most 64 of 0.1 s) and the passes' buffers only
+    peaks = {}
+    for minutes in (4, 20):
+        command = [sys.executable, "-c", PEAK_RSS, str(60 * minutes), sys.executable]
+        command += [
+            "granite_nar.py",
+            "-",
+            "--live",
+            "--pcm-rate",
+            "16000",
+            "--model",
+            str(model_dir),
+        ]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        peaks[minutes] = float(result.stderr.splitlines()[-1])
+    window_mb = g.CHUNK_SECONDS * SR * 4 / 2**20  # float32
+    assert peaks[20] < peaks[4] + max(window_mb, 0.01 * peaks[4]), peaks
