@@ -16,6 +16,12 @@ granite_speech_nar @032cc088).
 
 __version__ = "1.1.0"
 
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports below: exit at once, no traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
 import argparse
 import ctypes
 import ctypes.util
@@ -24,7 +30,6 @@ import io
 import itertools
 import json
 import math
-import os
 import queue
 import re
 import shlex
@@ -1146,10 +1151,15 @@ def _open_audio(audio):
     head = f.read(12)
     if not head:
         raise ValueError(f"{name}: the file is empty (0 bytes)")
-    if head[:4] == b"RIFF" and head[8:] == b"WAVE":
-        wav = PcmStream(f, *wav_header(f, name), name=name, close=not is_file)
-        if not seekable or wav.left is None:
-            return wav
+    if head[:4] == b"RIFF" and head[8:] == b"WAVE":  # PCM or float: read here if need be
+        try:
+            header = wav_header(f, name)
+        except ValueError:
+            if not seekable:
+                raise
+            header = None  # libsndfile reads more formats
+        if header and (not seekable or header[3] is None):
+            return PcmStream(f, *header, name=name, close=not is_file)
     if seekable:
         f.seek(start)
     source = f if seekable else io.BytesIO(head + f.read())  # other formats seek
@@ -1230,16 +1240,18 @@ def _audio_blocks(audio, sample_rate=None, block_seconds=READ_SECONDS):
             n_read += len(block)
             mono = block.mean(axis=1)
             yield resample(mono, len(block) < size) if resample else mono
-        if isinstance(f, sf.SoundFile):
-            _warn_if_truncated(f, n_read, name)
+        _warn_if_truncated(f, n_read, name)
 
 
 def _warn_if_truncated(f, n_read, name):
     """Warn when a file gave fewer frames than its header announces (libsndfile's log)."""
-    cut = re.search(r"data : (\d+) \(should be (\d+)\)", f.extra_info)
-    if cut and int(cut[1]) in UNKNOWN_LENGTH:
-        return
-    header = f.frames * int(cut[1]) / int(cut[2]) if cut else f.frames
+    if isinstance(f, PcmStream):
+        header = n_read + (f.left or 0) / (f.dtype.itemsize * f.channels)
+    else:
+        cut = re.search(r"data : (\d+) \(should be (\d+)\)", f.extra_info)
+        if cut and int(cut[1]) in UNKNOWN_LENGTH:
+            return
+        header = f.frames * int(cut[1]) / int(cut[2]) if cut else f.frames
     if n_read < header - 1:
         warnings.warn(
             f"{name}: truncated: its header says {header / f.samplerate:.2f} s, but only "
@@ -1664,7 +1676,7 @@ def transcribe(
     windows and batch_seconds of padded audio at a time (of one input or several). Under 0.1 s,
     or silent: "". An input that cannot be read raises its error (transcribe_stream goes on)."""
     audios = list(audio) if isinstance(audio, (list, tuple)) else [audio]
-    if audios and all(isinstance(x, (int, float)) for x in audios):
+    if audios and all(isinstance(x, (int, float, np.number)) for x in audios):
         raise ValueError("a waveform is an array: transcribe(model, tokenizer, np.array(samples))")
     windows = [[] for _ in audios]
     options = batch_size, chunk_seconds, editing_steps, word_timestamps, batch_seconds
@@ -1891,23 +1903,17 @@ def _expand(names, pcm_rate=None):
 
 def _output_paths(inputs, output_dir, suffix):
     """Each input's output file (None without output_dir): output_dir/calls/a.wav.txt for
-    calls/a.wav, its path relative to the working directory, or for inputs outside it to their
-    common folder; standard input's is output_dir/stdin.txt. No two inputs share an output."""
+    calls/a.wav, its path relative to the working directory, or when some input is outside it,
+    to the inputs' common folder; standard input's is output_dir/stdin.txt."""
     if output_dir is None:
         return [None] * len(inputs)
-    cwd = Path.cwd().resolve()
-    paths = [None if hasattr(x, "read") else Path(x).resolve() for x in inputs]
-    outside = [str(p.parent) for p in paths if p and not p.is_relative_to(cwd)]
-    common = Path(os.path.commonpath(outside)) if outside else cwd
-    outputs = []
-    for path in paths:
-        relative = (
-            Path("stdin")
-            if path is None
-            else path.relative_to(cwd if path.is_relative_to(cwd) else common)
-        )
-        outputs.append(output_dir / relative.parent / (relative.name + suffix))
-    return outputs
+    paths = [Path("stdin") if hasattr(x, "read") else Path(x).resolve() for x in inputs]
+    folders = [str(p.parent) for p in paths if p.is_absolute()]
+    base = Path.cwd().resolve()
+    if not all(Path(folder).is_relative_to(base) for folder in folders):
+        base = Path(os.path.commonpath(folders))
+    relative = [p.relative_to(base) if p.is_absolute() else p for p in paths]
+    return [output_dir / p.parent / (p.name + suffix) for p in relative]
 
 
 def _inputs(args, ranks):
@@ -1916,10 +1922,8 @@ def _inputs(args, ranks):
     if ranks > 1 and "-" in args.audio:
         sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
     inputs, messages = _expand(args.audio, args.pcm_rate)
-    if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
-        print(f"error: {args.output_format} of several inputs needs --output-dir", file=sys.stderr)
-        sys.exit(2)
     outputs = _output_paths(inputs, args.output_dir, SUFFIXES[args.output_format])
+    _check_outputs(args, inputs, outputs)
     if args.skip_existing:  # a stopped run resumes: done files keep their outputs
         keep = [i for i, path in enumerate(outputs) if not path.exists()]
         if len(keep) < len(inputs):
@@ -1928,6 +1932,20 @@ def _inputs(args, ranks):
     for message in messages if mx.distributed.init().rank() == 0 else []:
         print(message, file=sys.stderr)
     return inputs, outputs, sum(m.startswith("error") for m in messages)
+
+
+def _check_outputs(args, inputs, outputs):
+    """Exit 2 when outputs would mix: subtitles of several inputs on standard output, or two
+    inputs written to one file."""
+    shared = [path for path in set(outputs) if path and outputs.count(path) > 1]
+    if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
+        problem = f"{args.output_format} of several inputs needs --output-dir"
+    elif shared:
+        problem = f"two inputs would write {shared[0]}: give them in separate runs"
+    else:
+        return
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _records(model, tokenizer, inputs, args):
@@ -1983,20 +2001,22 @@ def _write(path, text):
         tmp.replace(path)
         return True
     except OSError as e:
-        print(f"error: {path}: cannot write it ({e.strerror or e})", file=sys.stderr)
+        reason = f"{e.strerror}: {e.filename}" if e.filename else e.strerror or e
+        print(f"error: {path}: cannot write it ({reason})", file=sys.stderr)
         return False
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # False also when a folder on the way is a file
+            tmp.unlink()
 
 
 def main():
     args = _parse_args()
     _configure_messages(args)
-    model, tokenizer = _load_model(args)
     if args.live:
-        return _live(model, tokenizer, args)
+        return _live(*_load_model(args), args)
     group = mx.distributed.init()  # under mlx.launch: several ranks, each with its share
     inputs, outputs, failed = _inputs(args, group.size())
+    model, tokenizer = _load_model(args)
     mine = _shard(inputs, group.size(), group.rank())
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""
     named = args.output_format == "text" and len(inputs) > 1  # as head names them
@@ -2138,6 +2158,7 @@ def _exit_now(status):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from now on
     try:
         sys.exit(main())
     except KeyboardInterrupt:

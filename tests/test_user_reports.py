@@ -171,13 +171,6 @@ def test_ctrl_c_at_any_moment_exits_130(model_dir, tmp_path):
         assert status == (0 if finished else 130), (moment, status, stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ctrl-C while granite_nar.py is still importing (mlx, numpy, soundfile, soxr: 0.15 s "
-    "on a warm machine, seconds on a first run) ends with a KeyboardInterrupt traceback and the "
-    "status of death by SIGINT (-2), not status 130: only main() is inside the "
-    "try/except KeyboardInterrupt of `if __name__ == '__main__'`",
-)
 def test_ctrl_c_while_starting_exits_130(model_dir):
     command = [sys.executable, str(SCRIPT), str(AUDIO), "--model", str(model_dir)]
     for module in ("argparse", "mlx.core", "soxr"):  # imported by granite_nar.py, in this order
@@ -273,13 +266,6 @@ def test_output_path_that_is_a_directory(model_dir, texts, tmp_path):
     assert _tmp_files(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a regular file where a folder of the output path should be (out/sub a file, or "
-    "--output-dir naming a file): _write prints its error line, then its `finally: "
-    "tmp.unlink(missing_ok=True)` raises NotADirectoryError (missing_ok only covers "
-    "FileNotFoundError): a traceback, and the inputs after it are never transcribed",
-)
 def test_output_folder_that_is_a_file(model_dir, texts, tmp_path):
     names = _three_inputs(tmp_path)
     expected = dict(zip(names, (texts[AUDIO], texts[AUDIO_SHORT], texts[AUDIO])))
@@ -382,12 +368,6 @@ def test_wav_sample_formats_on_stdin_as_by_path(model_dir, tmp_path):
         assert piped["audio_seconds"] == record["audio_seconds"], name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a WAV whose header says more samples than arrive (a download cut short) warns "
-    "'truncated' when read from a file or from `< file`, but through a pipe (WavStream) it "
-    "transcribes the part that came, silently",
-)
 def test_truncated_wav_on_a_pipe_warns_as_a_file_does(model_dir, tmp_path):
     data = AUDIO.read_bytes()
     (tmp_path / "cut.wav").write_bytes(data[: len(data) // 8])
@@ -399,14 +379,6 @@ def test_truncated_wav_on_a_pipe_warns_as_a_file_does(model_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("warning: -: truncated"), piped.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a WAV file of µ-law, A-law or IMA ADPCM samples (telephone recordings), on disk "
-    "with a correct header, fails: _open_audio hands every RIFF/WAVE header to WavStream "
-    "first, whose __init__ raises 'cannot read a WAV of format 7 ... as it arrives' before "
-    "the check that would give a seekable file of known length to libsndfile (which reads "
-    "them: soundfile.read does)",
-)
 def test_compressed_wav_files_read_as_libsndfile_reads_them(loaded, model_dir, tmp_path):
     model, tokenizer = loaded
     x = sf.read(AUDIO, dtype="float32")[0]
@@ -445,19 +417,17 @@ def test_stdin_output_dir_and_skip_existing(model_dir, texts, tmp_path):
     assert (tmp_path / "out" / "stdin.txt").stat().st_mtime_ns == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an input file named `stdin` and - (standard input) both write out/stdin.txt: the "
-    "second overwrites the first, though _output_paths promises that no two inputs share an "
-    "output",
-)
-def test_stdin_and_a_file_named_stdin_keep_distinct_outputs(model_dir, texts, tmp_path):
+def test_stdin_and_a_file_named_stdin_are_refused_together(model_dir, tmp_path):
+    # both would write out/stdin.txt: refused before any work, nothing written
     shutil.copy(AUDIO_SHORT, tmp_path / "stdin")
     options = "--model", model_dir, "--output-dir", "out"
     result = _cli("stdin", "-", *options, cwd=tmp_path, stdin=AUDIO.read_bytes())
-    assert _ok(result) == _named(("stdin", texts[AUDIO_SHORT]), ("-", texts[AUDIO]))
-    written = sorted(p.read_text(encoding="utf-8") for p in (tmp_path / "out").rglob("*.txt"))
-    assert written == sorted([texts[AUDIO] + "\n", texts[AUDIO_SHORT] + "\n"])
+    assert result.returncode == 2 and result.stdout == "", result
+    assert (
+        result.stderr.strip()
+        == f"error: two inputs would write {Path('out/stdin.txt')}: give them in separate runs"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # 6. --chunk-seconds out of range: exit 2 before loading the model
@@ -502,13 +472,6 @@ def test_subtitles_of_several_inputs(model_dir, tmp_path, output_format):
         assert (tmp_path / "out" / f"{name}.{output_format}").read_text(encoding="utf-8") == alone
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="srt/vtt of several inputs without --output-dir is a usage error (exit 2), but it is "
-    "found only after the model is loaded (in _inputs, after _load_model): with the default "
-    "model the user first waits for its download and load; with a directory holding only "
-    "config.json the run exits 1 about missing weights instead",
-)
 def test_subtitles_of_several_inputs_refused_before_loading(model_dir, tmp_path):
     weightless = tmp_path / "weightless"
     weightless.mkdir()
@@ -566,12 +529,6 @@ def test_inputs_outside_the_working_directory(model_dir, texts, tmp_path):
         assert (work / "out2" / name).read_text(encoding="utf-8") == text + "\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a.wav in the working directory and ../elsewhere/a.wav both write out/a.wav.txt "
-    "(inside files are relative to the working directory, outside ones to their own common "
-    "folder): the second transcript silently overwrites the first, exit 0",
-)
 def test_inputs_inside_and_outside_keep_distinct_outputs(model_dir, texts, tmp_path):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
