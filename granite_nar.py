@@ -1359,18 +1359,19 @@ class Encoded:
     frames: list = None  # each one's real pooled frames
     audio_embeds: mx.array = None  # (B, A, llm_dim)
     audio_lengths: mx.array = None  # (B,) each one's rows of them
+    slot_step: int = 1  # the editor's slots are padded to a multiple of it
 
 
-def encode_batch(model, prepared):
+def encode_batch(model, prepared, steps=None):
     """prepare_batch's result -> its Encoded, queued on the device (mx.async_eval), not waited
-    for. Frames are padded to shape_steps' multiple, masked."""
+    for. Frames and then slots are padded, masked, to multiples of steps (default shape_steps)."""
     live, stft = prepared
     if not live:
         return Encoded(live)
-    x, lengths = stft
+    (x, lengths), (frame_step, slot_step) = stft, steps or shape_steps(model)
     encoder_frames = mx.array(lengths)
     features = _log_mel(x, encoder_frames)
-    T = -(-features.shape[1] // shape_steps(model)[0]) * shape_steps(model)[0]
+    T = -(-features.shape[1] // frame_step) * frame_step
     mask = None if min(lengths) == T else mx.arange(T) < encoder_frames[:, None]
     features = pad_rows(features, T).astype(model.dtype)
     bpe_logits, audio_embeds = model.compiled_encode(features, mask)
@@ -1378,7 +1379,7 @@ def encode_batch(model, prepared):
     mx.async_eval(best, audio_embeds)
     frames = [-(-n // model.args.encoder.bpe_pooling_window) for n in lengths]
     audio_lengths = mx.array([n // model.args.projector.downsample_rate for n in lengths])
-    return Encoded(live, best, bpe_logits, frames, audio_embeds, audio_lengths)
+    return Encoded(live, best, bpe_logits, frames, audio_embeds, audio_lengths, slot_step)
 
 
 def collapse_rows(ids, lengths, blank_id):
@@ -1386,11 +1387,11 @@ def collapse_rows(ids, lengths, blank_id):
     return [ctc_collapse(row[:n], blank_id) for row, n in zip(np.array(ids), lengths)]
 
 
-def edit_pass(model, audio_embeds, audio_lengths, hypotheses):
+def edit_pass(model, audio_embeds, audio_lengths, hypotheses, slot_step=1):
     """One editor pass over a batch, queued on the device (mx.async_eval), not waited for: the
     editor's best token in each slot (B, S) and each hypothesis's count of slots. The CTC
     collapse of a row's slots is that hypothesis edited."""
-    blank, slot_step = model.args.blank_token_id, shape_steps(model)[1]
+    blank = model.args.blank_token_id
     ids, lengths = slot_batch(hypotheses, blank, model.args.min_edit_sequence_length, slot_step)
     # MLX's CUDA quantized matmul fails past 2^31 output elements: large batches go in parts
     part = max(1, (2**31 - 1) // (ids.shape[1] * model.args.editor.vocab_size))
@@ -1424,10 +1425,11 @@ def edit_batch(model, encoded, editing_steps, word_timestamps):
         return None
     blank = model.args.blank_token_id
     hypotheses = collapse_rows(encoded.best, encoded.frames, blank)
-    tokens, slots = edit_pass(model, encoded.audio_embeds, encoded.audio_lengths, hypotheses)
+    inputs = encoded.audio_embeds, encoded.audio_lengths
+    tokens, slots = edit_pass(model, *inputs, hypotheses, encoded.slot_step)
     for _ in range(editing_steps - 1):  # the pass before is read: the next edits its output
         hypotheses = collapse_rows(tokens, slots, blank)
-        tokens, slots = edit_pass(model, encoded.audio_embeds, encoded.audio_lengths, hypotheses)
+        tokens, slots = edit_pass(model, *inputs, hypotheses, encoded.slot_step)
     log_probs = token_log_probs(encoded.bpe_logits, tokens, blank) if word_timestamps else None
     return tokens, slots, log_probs
 
@@ -1574,13 +1576,13 @@ class Prefetch:
                 if self.stop.is_set():  # the consumer is gone
                     return
             self.ready.put(self.END)
-        except Exception as e:
+        except BaseException as e:  # raised in the consumer's thread
             self.ready.put(e)
 
     def __iter__(self):
         try:
             while (item := self.ready.get()) is not self.END:
-                if isinstance(item, Exception):
+                if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:  # stopped early: free a place so that the thread can see the stop
@@ -1694,6 +1696,9 @@ def transcribe(
 # ---- live transcription ----
 
 LIVE_READ_SECONDS = 0.1  # a live stream is read this much at a time
+# A live pass pads frames to 5 s and slots to 128 (masked: the same results), so that the
+# window so far takes few shapes: no new compiled trace (nor GPU kernels) after the first ones
+LIVE_STEPS = (250, 128)
 
 
 @dataclass
@@ -1710,10 +1715,12 @@ class Event:
 
 
 def _live_event(model, tokenizer, samples, start, final, editing_steps, word_timestamps):
-    """One pass over a window's samples (its first at sample `start` of the stream) -> Event."""
+    """One pass over a window's samples (its first at sample `start` of the stream) -> Event:
+    transcribe_waveforms([samples]), padded to LIVE_STEPS."""
     tic, t0, seconds = time.perf_counter(), start / SAMPLE_RATE, len(samples) / SAMPLE_RATE
-    result = transcribe_waveforms(model, tokenizer, [samples], editing_steps, word_timestamps)
-    text, words = (result[0][0], result[1][0]) if word_timestamps else (result[0], None)
+    encoded = encode_batch(model, prepare_batch([samples]), LIVE_STEPS)
+    edited = edit_batch(model, encoded, editing_steps, word_timestamps)
+    [text], [words] = finish_batch(model, tokenizer, 1, encoded, edited, word_timestamps)
     words = None if words is None else _shift(words, t0, seconds)
     return Event(t0, t0 + seconds, text, final, words, time.perf_counter() - tic)
 
@@ -1744,6 +1751,7 @@ def transcribe_live(
             while (cut := window_cut(buffer, chunk_seconds, block is None)) is not None:
                 yield _live_event(model, tokenizer, buffer[:cut], start, True, *options)
                 buffer, start, shown = buffer[cut:], start + cut, 0
+                mx.clear_cache()  # MLX keeps freed buffers of every size: hours of it would grow
             if block is not None and len(buffer) - shown >= step and not source.waiting():
                 yield _live_event(model, tokenizer, buffer, start, False, *options)
                 shown = len(buffer)

@@ -140,15 +140,14 @@ class FixedEditor:
         def run(*args):
             tic = time.perf_counter()
             if name == "edit_pass":  # an encoder row is 0.1 s of audio
-                model, audio_embeds, audio_lengths, _ = args
+                model, audio_embeds, audio_lengths, _, step = args
                 vocab, blank = model.args.editor.vocab_size, model.args.blank_token_id
                 fixed = [
                     fixed_hypothesis(n / 10, self.n_tokens, vocab) for n in audio_lengths.tolist()
                 ]
-                tokens, slots = self.functions[name](model, audio_embeds, audio_lengths, fixed)
-                own = g.slot_batch(
-                    fixed, blank, model.args.min_edit_sequence_length, g.shape_steps(model)[1]
-                )[0]
+                inputs = model, audio_embeds, audio_lengths, fixed, step
+                tokens, slots = self.functions[name](*inputs)
+                own = g.slot_batch(fixed, blank, model.args.min_edit_sequence_length, step)[0]
                 result = mx.depends(own, tokens), slots
             else:
                 result = self.functions[name](*args)

@@ -87,13 +87,39 @@ def test_partials_describe_the_open_window(loaded, speech):
         assert event.text == alone
 
 
-def test_partials_are_skipped_when_behind(loaded, speech):
-    # fed as fast as possible, more audio is always waiting: no partial, the same finals
+def test_partials_are_skipped_when_behind(loaded, speech, monkeypatch):
+    # a partial is made only when no newer audio is waiting (Prefetch.waiting): when some always
+    # is, no partial is made, never queued, and the finals stay the same
     model, tokenizer = loaded
-    events = list(
-        g.transcribe_live(model, tokenizer, odd_blocks(speech), chunk_seconds=4, update_seconds=0.1)
-    )
-    assert all(e.final for e in events) and len(events) == 4
+    monkeypatch.setattr(g.Prefetch, "waiting", lambda self: True)
+    events = list(g.transcribe_live(model, tokenizer, odd_blocks(speech), 4, update_seconds=0.1))
+    assert [e.final for e in events] == [True] * 4
+    monkeypatch.setattr(g.Prefetch, "waiting", lambda self: False)
+    events = list(g.transcribe_live(model, tokenizer, odd_blocks(speech), 4, update_seconds=1))
+    partials = [e for e in events if not e.final]
+    assert len(partials) >= 8 and len(events) - len(partials) == 4
+    starts = {e.start for e in events if e.final}
+    for e in partials:  # each second of new audio in its window: its start to the newest sample
+        assert e.start in starts and e.end - e.start >= 1
+
+
+def test_prefetch_reads_ahead_and_says_what_is_waiting():
+    gate = threading.Event()
+
+    def items():
+        yield 1
+        gate.wait(5)
+        yield 2
+
+    prefetch = g.Prefetch(items(), size=4)
+    stream = iter(prefetch)
+    assert next(stream) == 1
+    assert not prefetch.waiting()  # 2 is not there until the gate opens
+    gate.set()
+    deadline = time.time() + 5
+    while not prefetch.waiting() and time.time() < deadline:
+        time.sleep(0.01)
+    assert prefetch.waiting() and list(stream) == [2]
 
 
 def test_errors_and_interrupts_close_the_open_window(loaded, speech):
@@ -108,8 +134,7 @@ def test_errors_and_interrupts_close_the_open_window(loaded, speech):
         with pytest.raises(type(error)):
             for event in g.transcribe_live(model, tokenizer, failing(error), chunk_seconds=4):
                 events.append(event)
-        assert [e.final for e in events] == [True, True]  # the window closed, then the rest
-        assert events[-1].end == 5.0
+        assert [(e.start, e.end, e.final) for e in events] == [(0, 5, True)]  # closed, then raised
     with pytest.raises(ValueError, match="update_seconds must be positive"):
         next(g.transcribe_live(model, tokenizer, [speech], update_seconds=0))
     with pytest.raises(ValueError, match="chunk_seconds must be between 1 and"):
