@@ -1714,6 +1714,14 @@ class Event:
     elapsed: float = 0.0  # seconds its pass took
 
 
+def _map_large_buffers():
+    """Have glibc map buffers of 64 KB or more, and unmap them when freed: by default it takes
+    them from its heap once one was freed, where hours of windows of every size fragment it and
+    the process grows."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
 def _live_event(model, tokenizer, samples, start, final, editing_steps, word_timestamps):
     """One pass over a window's samples (its first at sample `start` of the stream) -> Event:
     transcribe_waveforms([samples]), padded to LIVE_STEPS."""
@@ -1742,6 +1750,7 @@ def transcribe_live(
     skipped when more audio is waiting already. The end of blocks, an error reading them or
     Ctrl-C (KeyboardInterrupt) closes the open window, then the error goes on."""
     check_options(model.args, 1, chunk_seconds, editing_steps, update_seconds=update_seconds)
+    _map_large_buffers()
     step, source = round(update_seconds * SAMPLE_RATE), Prefetch(blocks, size=64)
     options = editing_steps, word_timestamps
     buffer, start, shown = np.zeros(0, np.float32), 0, 0  # the open window; samples of its partial
