@@ -42,6 +42,7 @@ import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
 # isort: split
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
 from clips import fixed_hypothesis, librispeech_like_lengths, synthetic_audio  # noqa: E402
 from mlx_audio_layout import to_mlx_audio_dir  # noqa: E402
 
@@ -210,6 +211,44 @@ def throughput(model, tokenizer, args, common):
         print(json.dumps(row), flush=True)
 
 
+def live(model, tokenizer, args, common):
+    """g.transcribe_live over --live seconds of audio fed at real-time pace in 0.1 s blocks,
+    with fixed hypotheses (FixedEditor). A final's delay runs from the arrival of the sample that
+    lets its cut be decided (window_cut: the search range and a frame after it) to the event, a
+    partial's from the arrival of its newest sample; skipped: the partials a pass that always
+    kept up would have made (one per update_seconds of each window) that did not come."""
+    x, block = synthetic_audio(args.live, seed=0), g.SAMPLE_RATE // 10
+    arrivals = []  # the time each block was handed over
+
+    def paced():
+        start = time.perf_counter()
+        for i in range(0, len(x), block):
+            time.sleep(max(0.0, start + i / g.SAMPLE_RATE - time.perf_counter()))
+            arrivals.append(time.perf_counter())
+            yield x[i : i + block]
+
+    arrived = lambda seconds: arrivals[min(len(arrivals), -(-round(seconds * 10))) - 1]
+    delays, expected = {True: [], False: []}, 0
+    margin = min(g.CUT_SEARCH_SECONDS, args.chunk_seconds / 4) + 0.02  # window_cut's reach
+    options = dict(chunk_seconds=args.chunk_seconds, update_seconds=args.update_seconds)
+    with FixedEditor():
+        for event in g.transcribe_live(model, tokenizer, paced(), **options):
+            now, decided = time.perf_counter(), event.start + args.chunk_seconds + margin
+            newest = min(decided, args.live) if event.final else event.end
+            delays[event.final].append(now - arrived(newest))
+            if event.final:  # the partials of a window whose passes all kept up
+                opened = min(decided, args.live) - event.start
+                expected += int(opened / args.update_seconds)
+    ms = lambda values, q: round(1000 * float(np.percentile(values, q)), 1) if values else None
+    row = {"impl": "granite_nar", **common, "live": True, "seconds_audio": args.live}
+    row.update(chunk_seconds=args.chunk_seconds, update_seconds=args.update_seconds)
+    row.update(finals=len(delays[True]), partials=len(delays[False]))
+    row["final_delay_ms"] = {"p50": ms(delays[True], 50), "p95": ms(delays[True], 95)}
+    row["partial_delay_ms"] = {"p50": ms(delays[False], 50), "p95": ms(delays[False], 95)}
+    row["partials_skipped"] = round(max(0.0, 1 - len(delays[False]) / max(1, expected)), 3)
+    print(json.dumps(row), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
@@ -238,6 +277,9 @@ def main():
         help="throughput: padded audio in a batch, at most (each with each size)",
     )
     add("--word-timestamps", action="store_true", help="also time word timestamps (ctc_align)")
+    add("--live", type=float, metavar="S", help="time transcribe_live instead, on S s of audio")
+    add("--chunk-seconds", type=float, default=g.CHUNK_SECONDS, help="--live: window length")
+    add("--update-seconds", type=float, default=1.0, help="--live: audio between partials")
     args = parser.parse_args()
 
     dtype = getattr(mx, args.dtype) if args.dtype else None
@@ -253,6 +295,8 @@ def main():
     }
     if args.clips:
         return throughput(model, tokenizer, args, common)
+    if args.live:
+        return live(model, tokenizer, args, common)
     vocab, timed = model.args.editor.vocab_size, args.word_timestamps
     cases = [
         (seconds, synthetic_audio(seconds), fixed_hypothesis(seconds, args.hyp_tokens, vocab))
