@@ -1946,7 +1946,7 @@ def _inputs(args, ranks):
         if len(keep) < len(inputs):
             messages.append(f"note: {len(inputs) - len(keep)} file(s) skipped: their outputs exist")
         inputs, outputs = [inputs[i] for i in keep], [outputs[i] for i in keep]
-    for message in messages if mx.distributed.init().rank() == 0 else []:
+    for message in messages if _group().rank() == 0 else []:
         print(message, file=sys.stderr)
     return inputs, outputs, sum(m.startswith("error") for m in messages)
 
@@ -2031,7 +2031,7 @@ def main():
     _configure_messages(args)
     if args.live:
         return _live(*_load_model(args), args)
-    group = mx.distributed.init()  # under mlx.launch: several ranks, each with its share
+    group = _group()  # under mlx.launch: several ranks, each with its share
     inputs, outputs, failed = _inputs(args, group.size())
     model, tokenizer = _load_model(args)
     mine = _shard(inputs, group.size(), group.rank())
@@ -2088,7 +2088,7 @@ class LiveOutput:
     when this machine is slower than real time."""
 
     def __init__(self, args):
-        self.args, self.tty, self.slow = args, sys.stdout.isatty(), False
+        self.args, self.tty, self.slow, self.passes = args, sys.stdout.isatty(), False, 0
         self.segments, self.printed = [], ""  # srt, vtt: every final's, and what was printed
 
     def show(self, event):
@@ -2102,7 +2102,8 @@ class LiveOutput:
             print(f"\r\x1b[K{text}", end="\n" if event.final else "", flush=True)
         elif event.final and event.text.strip():
             print(event.text.strip(), flush=True)
-        if event.elapsed > event.end - event.start and not self.slow:
+        self.passes += 1  # the first pass also compiles: it says nothing of the speed
+        if self.passes > 1 and event.elapsed > event.end - event.start and not self.slow:
             speed = (event.end - event.start) / event.elapsed
             print(
                 f"warning: this machine transcribes at {speed:.2f}x real time: "
@@ -2125,6 +2126,13 @@ class LiveOutput:
         cues = subtitles(self.segments, self.args.output_format == "vtt", width, count)
         new, self.printed = cues[len(self.printed) :], cues
         return new
+
+
+def _group():
+    """The processes mlx.launch (or mpirun) started, or this one alone: outside them MLX's
+    backends are not tried (MPI would leave files behind)."""
+    launched = "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ
+    return mx.distributed.init() if launched else mx.distributed.init(backend="ring")
 
 
 def _shard(inputs, size, rank):

@@ -25,6 +25,11 @@ import granite_nar as g  # noqa: E402
 
 AUDIO = ROOT / "tests" / "fixtures" / "dev" / "audio.wav"
 SR = g.SAMPLE_RATE
+# On a CPU a window's results do not depend on the shapes it is padded to (live passes pad to
+# LIVE_STEPS, transcribe's batches to their longest window); a GPU's kernels round differently
+# for other shapes, which the random model's near-flat posteriors can turn into other word
+# alignments: there the texts are compared, and the words on a CPU only
+WORDS_EXACT = mx.default_device() == mx.cpu
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +63,8 @@ def test_finals_are_the_offline_result(loaded, speech, word_timestamps):
     text = g.join_windows([e.text for e in finals])
     if word_timestamps:
         assert text == offline["text"]
-        assert [w for e in finals for w in e.words] == [
-            w for s in offline["segments"] for w in s["words"]
-        ]
+        words = [w for s in offline["segments"] for w in s["words"]]
+        assert [w for e in finals for w in e.words] == words or not WORDS_EXACT
     else:
         assert text == offline
         assert all(e.words is None for e in finals)
@@ -228,7 +232,7 @@ def test_cli_live_text_srt_and_word_timestamps(model_dir, speech, tmp_path):
     assert " ".join(text.stdout.splitlines()) == offline["text"]
     timed = run("--live", "--output-format", "json", "--word-timestamps")
     words = [w for line in timed.stdout.splitlines() for w in json.loads(line)["words"]]
-    assert words == [w for s in offline["segments"] for w in s["words"]]
+    assert words == [w for s in offline["segments"] for w in s["words"]] or not WORDS_EXACT
     srt = run("--live", "--output-format", "srt", "--max-line-width", "20")
     assert srt.returncode == 0 and srt.stdout.startswith("1\n00:00:0")
     numbers = [int(line) for line in srt.stdout.splitlines() if line.isdigit()]

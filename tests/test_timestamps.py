@@ -663,7 +663,7 @@ def test_word_times_empty_hypothesis(loaded, monkeypatch):
     logits = mx.zeros((10, model.args.encoder.bpe_output_dim))
     assert window_words(model, tokenizer, logits, []) == []
     blank = model.args.blank_token_id
-    only_blanks = lambda model, e, l, hypotheses: (mx.full((len(hypotheses), 8), blank), [8])
+    only_blanks = lambda model, e, l, hypotheses, step: (mx.full((len(hypotheses), 8), blank), [8])
     monkeypatch.setattr(g, "edit_pass", only_blanks)
     assert g.transcribe(model, tokenizer, AUDIO, word_timestamps=True) == {
         "text": "",

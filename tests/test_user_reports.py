@@ -388,7 +388,7 @@ def test_compressed_wav_files_read_as_libsndfile_reads_them(loaded, model_dir, t
     expected = [
         g.transcribe(model, tokenizer, sf.read(tmp_path / n, dtype="float32")[0]) for n in names
     ]
-    result = _cli(*names, "--model", model_dir, cwd=tmp_path)
+    result = _cli(*names, "--model", model_dir, "--dtype", "float32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == _named(*zip(names, expected))
 
