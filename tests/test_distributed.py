@@ -2,7 +2,8 @@
 localhost) share a folder of clips, each file transcribed once, and --skip-existing resumes.
 
 mlx.launch has each rank's shell write its pid and the ring's hostfile to files of `mktemp` that
-it never removes: the launches run with TMPDIR in the test's temporary folder, on free ports."""
+it never removes: the launches run with TMPDIR in the test's temporary folder (child_tmpdir),
+on free ports."""
 
 import os
 import re
@@ -10,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -54,20 +54,8 @@ def free_ports(n):
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
-def launch_tmp(folder):
-    """folder/launch_tmp, for TMPDIR: MLX keeps its CPU kernels' cache in TMPDIR/mlx (compiling
-    them takes a minute), so that is a link to this process's."""
-    tmp = folder / "launch_tmp"
-    if not tmp.exists():
-        cache = Path(tempfile.gettempdir()) / "mlx"
-        cache.mkdir(exist_ok=True)
-        tmp.mkdir()
-        (tmp / "mlx").symlink_to(cache, target_is_directory=True)
-    return tmp
-
-
-def run(model_dir, *args, processes=1, cwd, tmp=None):
-    """granite_nar.py, or `processes` of it under mlx.launch with TMPDIR in the folder tmp."""
+def run(model_dir, *args, processes=1, cwd, tmpdir=None):
+    """granite_nar.py, or `processes` of it under mlx.launch with TMPDIR=tmpdir."""
     command = [sys.executable, str(ROOT / "granite_nar.py"), *map(str, args)]
     command += ["--model", str(model_dir)]
     env = dict(os.environ)
@@ -77,7 +65,7 @@ def run(model_dir, *args, processes=1, cwd, tmp=None):
         port = str(free_ports(processes))
         launch = [LAUNCH, "-n", str(processes), "--backend", "ring", "--starting-port", port]
         command = [sys.executable, *launch, "--python", sys.executable, "--", *command[1:]]
-        env["TMPDIR"] = str(launch_tmp(tmp))  # mlx.launch's pid and host files go there
+        env["TMPDIR"] = str(tmpdir)  # mlx.launch's pid and host files go there
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -91,18 +79,10 @@ def outputs(folder):
     return {p.relative_to(folder): p.read_text() for p in sorted(folder.rglob("*.txt"))}
 
 
-def test_two_processes_transcribe_each_file_once(model_dir, corpus, tmp_path):
+def test_two_processes_transcribe_each_file_once(model_dir, corpus, tmp_path, child_tmpdir):
     one = run(model_dir, corpus, "--output-dir", tmp_path / "one", "--verbose", cwd=corpus.parent)
-    two = run(
-        model_dir,
-        corpus,
-        "--output-dir",
-        tmp_path / "two",
-        "--verbose",
-        processes=2,
-        cwd=corpus.parent,
-        tmp=tmp_path,
-    )
+    two = ("--output-dir", tmp_path / "two", "--verbose")
+    two = run(model_dir, corpus, *two, processes=2, cwd=corpus.parent, tmpdir=child_tmpdir)
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout  # in input order, each record once, from rank 0
     assert two.stdout.count("==> ") == len(SECONDS)
@@ -116,7 +96,7 @@ def test_two_processes_transcribe_each_file_once(model_dir, corpus, tmp_path):
     assert sum(seconds) == pytest.approx(sum(SECONDS), abs=0.1)
 
 
-def test_skip_existing_transcribes_exactly_the_missing(model_dir, corpus, tmp_path):
+def test_skip_existing_transcribes_exactly_the_missing(model_dir, corpus, tmp_path, child_tmpdir):
     out = tmp_path / "out"
     assert run(model_dir, corpus, "--output-dir", out, cwd=corpus.parent).returncode == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.txt")}
@@ -124,17 +104,8 @@ def test_skip_existing_transcribes_exactly_the_missing(model_dir, corpus, tmp_pa
     texts = {p: p.read_text() for p in gone}
     for p in gone:
         p.unlink()
-    result = run(
-        model_dir,
-        corpus,
-        "--output-dir",
-        out,
-        "--skip-existing",
-        "--verbose",
-        processes=2,
-        cwd=corpus.parent,
-        tmp=tmp_path,
-    )
+    options = ("--output-dir", out, "--skip-existing", "--verbose")
+    result = run(model_dir, corpus, *options, processes=2, cwd=corpus.parent, tmpdir=child_tmpdir)
     assert result.returncode == 0, result.stderr
     assert "5 file(s) skipped" in result.stderr and result.stdout.count("==> ") == 2
     assert [n for n, _ in shares(result.stderr)] == [1, 1]  # a missing file each
@@ -146,19 +117,18 @@ def test_skip_existing_transcribes_exactly_the_missing(model_dir, corpus, tmp_pa
     assert result.returncode == 2 and "--skip-existing needs --output-dir" in result.stderr
 
 
-def test_a_failing_file_is_reported_and_the_others_run(model_dir, corpus, tmp_path):
+def test_a_failing_file_is_reported_and_the_others_run(model_dir, corpus, tmp_path, child_tmpdir):
     folder = tmp_path / "mixed"
     shutil.copytree(corpus, folder)
     (folder / "broken.wav").write_bytes(b"RIFF not audio")
-    result = run(
-        model_dir, folder, "--output-dir", tmp_path / "out", processes=2, cwd=tmp_path, tmp=tmp_path
-    )
+    out = ("--output-dir", tmp_path / "out")
+    result = run(model_dir, folder, *out, processes=2, cwd=tmp_path, tmpdir=child_tmpdir)
     assert "rank 0 exited with code 1" in result.stderr  # the status of all ranks (mlx.launch)
     assert result.stderr.count("broken.wav: cannot read") == 1 and "Traceback" not in result.stderr
     assert len(outputs(tmp_path / "out")) == 7 and result.stdout.count("==> ") == 7
 
 
-def test_standard_input_is_refused_under_launch(model_dir, tmp_path):
-    result = run(model_dir, "-", processes=2, cwd=tmp_path, tmp=tmp_path)
+def test_standard_input_is_refused_under_launch(model_dir, tmp_path, child_tmpdir):
+    result = run(model_dir, "-", processes=2, cwd=tmp_path, tmpdir=child_tmpdir)
     assert "- (standard input) reaches one process only" in result.stderr
     assert "Traceback" not in result.stderr

@@ -198,11 +198,10 @@ def test_missing_model_directory_and_unknown_repo(model_dir, tmp_path):
 # 7-10. several files, folders, --output-dir, temporary files
 
 
-def test_several_files_folders_output_dir_and_no_temporary_files(model_dir, tmp_path):
-    work, out, tmpdir = tmp_path / "work", tmp_path / "out", tmp_path / "tmpdir"
+def test_several_files_folders_output_dir_and_no_temporary_files(model_dir, tmp_path, child_tmpdir):
+    work, out, tmpdir = tmp_path / "work", tmp_path / "out", child_tmpdir
     for folder in ("a", "b", "c"):
         (work / folder).mkdir(parents=True)
-    tmpdir.mkdir()
     shutil.copy(AUDIO, work / "a" / "x.wav")
     shutil.copy(AUDIO_SHORT, work / "b" / "x.wav")  # the same name in another folder
     sf.write(work / "a" / "x.flac", sf.read(AUDIO, dtype="int16")[0], SR, subtype="PCM_16")
