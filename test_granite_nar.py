@@ -647,7 +647,10 @@ def test_quantized_module_types_config_and_size(model_dir, quantized):
     bits, q_dir = quantized
     model, _ = g.load(q_dir, dequantize=False)
     assert json.loads((q_dir / "config.json").read_text())["quantization"] == {
-        "bits": bits, "group_size": Q_GROUP, "scope": "editor"}  # fmt: skip
+        "bits": bits,
+        "group_size": Q_GROUP,
+        "scope": "editor",
+    }
     assert isinstance(model.editor.embed_tokens, nn.QuantizedEmbedding)
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.QuantizedLinear)):

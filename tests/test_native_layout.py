@@ -35,9 +35,13 @@ TO_NATIVE = (  # UPSTREAM.md's renames: anchored prefixes, specific before gener
 )
 NORMS = re.compile(r"projector\..*norm")  # the projector LayerNorms, which the native layout drops
 ENCODER_KEYS = {"bpe_output_dim": "vocabulary_size", "bpe_pooling_window": "pooling_window"}
-PROJECTOR_KEYS = {"num_heads": "num_attention_heads", "num_layers": "num_hidden_layers",
-                  "block_size": "window_size", "layernorm_eps": "layer_norm_eps",
-                  "attn_bias": "attention_bias"}  # fmt: skip
+PROJECTOR_KEYS = {
+    "num_heads": "num_attention_heads",
+    "num_layers": "num_hidden_layers",
+    "block_size": "window_size",
+    "layernorm_eps": "layer_norm_eps",
+    "attn_bias": "attention_bias",
+}
 GONE = {
     "pred_dropout",
     "blank_token_id",
@@ -152,11 +156,17 @@ def ckpt(tmp_path_factory):
     config["projector_config"].update(hidden_size=width, llm_dim=width, num_heads=4)
     weights = random_weights(config)
     native = to_native(config, weights)
-    older = {"model." + k.replace("language_model.model.", "language_model."): v
-             for k, v in weights.items()}  # fmt: skip
-    return dict(original=write(tmp / "original", config, weights), native_layout=native,
-                native=write(tmp / "native", *native), older=write(tmp / "older", config, older),
-                tmp=tmp)  # fmt: skip
+    older = {
+        "model." + k.replace("language_model.model.", "language_model."): v
+        for k, v in weights.items()
+    }
+    return dict(
+        original=write(tmp / "original", config, weights),
+        native_layout=native,
+        native=write(tmp / "native", *native),
+        older=write(tmp / "older", config, older),
+        tmp=tmp,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +233,9 @@ def test_same_parameters_and_outputs(loaded, layout):
 def test_convert_native(ckpt, loaded):
     convert(ckpt["native"], ckpt["tmp"] / "converted")
     cli = [sys.executable, "convert.py", "--hf-path", str(ckpt["native"])]
-    run = subprocess.run([*cli, "--mlx-path", str(ckpt["tmp"] / "cli")], cwd=ROOT, text=True,
-                         capture_output=True)  # fmt: skip
+    run = subprocess.run(
+        [*cli, "--mlx-path", str(ckpt["tmp"] / "cli")], cwd=ROOT, text=True, capture_output=True
+    )
     assert run.returncode == 0, run.stderr
     for out in ("converted", "cli"):
         model, tokenizer = granite_nar.load(ckpt["tmp"] / out, dtype=mx.float32)
@@ -240,19 +251,37 @@ def test_native_keeps_ibm_semantics(ckpt, loaded):
     assert args.encoder_layer_indices == cat + [-1] == [1, 2, 3, -1]
 
 
-@pytest.mark.parametrize("key, value, message", [  # value None: the tensor is dropped
-    ("model.encoder.layers.1.attn.to_q.weight", None,
-     "1 missing: encoder.layers.1.attn.to_q.weight"),
-    ("model.language_model.layers.0.mlp.up_proj.weight", None,
-     "1 missing: editor.layers.0.mlp.up_proj.weight"),
-    ("model.language_model.layers.1.self_attn.v_proj.weight", mx.zeros((16, 7)),
-     "mis-shaped: editor.layers.1.self_attn.q_proj.weight"),
-    ("model.encoder.extra.weight", mx.zeros((2,)), "1 unknown: encoder.extra.weight"),
-    ("model.projector.qformer.queries", mx.zeros((1, 4, 96)),
-     "1 mis-shaped: projector.query (1, 4, 96) (expected (1, 3, 96))"),
-    ("model.projector.qformer.layers.1.cross_attn.k_proj.weight", mx.zeros((96, 64)),
-     "1 mis-shaped: projector.qformer.layers.1.cross_attention.k_proj.weight (96, 64)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, value, message",
+    [  # value None: the tensor is dropped
+        (
+            "model.encoder.layers.1.attn.to_q.weight",
+            None,
+            "1 missing: encoder.layers.1.attn.to_q.weight",
+        ),
+        (
+            "model.language_model.layers.0.mlp.up_proj.weight",
+            None,
+            "1 missing: editor.layers.0.mlp.up_proj.weight",
+        ),
+        (
+            "model.language_model.layers.1.self_attn.v_proj.weight",
+            mx.zeros((16, 7)),
+            "mis-shaped: editor.layers.1.self_attn.q_proj.weight",
+        ),
+        ("model.encoder.extra.weight", mx.zeros((2,)), "1 unknown: encoder.extra.weight"),
+        (
+            "model.projector.qformer.queries",
+            mx.zeros((1, 4, 96)),
+            "1 mis-shaped: projector.query (1, 4, 96) (expected (1, 3, 96))",
+        ),
+        (
+            "model.projector.qformer.layers.1.cross_attn.k_proj.weight",
+            mx.zeros((96, 64)),
+            "1 mis-shaped: projector.qformer.layers.1.cross_attention.k_proj.weight (96, 64)",
+        ),
+    ],
+)
 def test_native_mismatched_tensors_refused_by_name(ckpt, tmp_path, key, value, message):
     config, weights = ckpt["native_layout"]
     weights = {k: v for k, v in weights.items() if k != key}
@@ -264,8 +293,10 @@ def test_native_mismatched_tensors_refused_by_name(ckpt, tmp_path, key, value, m
 
 def test_native_stored_projector_norms_kept(ckpt, tmp_path):
     config, weights = ckpt["native_layout"]
-    stored = {"model.projector.layer_norms.2.weight": mx.arange(64) / 8,
-              "model.projector.qformer.layers.1.mlp_norm.bias": mx.arange(96) / 16 - 3}  # fmt: skip
+    stored = {
+        "model.projector.layer_norms.2.weight": mx.arange(64) / 8,
+        "model.projector.qformer.layers.1.mlp_norm.bias": mx.arange(96) / 16 - 3,
+    }
     path = write(tmp_path / "norms", config, {**weights, **stored})
     params = dict(tree_flatten(granite_nar.load(path, dtype=mx.float32)[0].parameters()))
     for key, value in stored.items():
