@@ -128,7 +128,7 @@ def test_compiled_keeps_at_most_max_traces(monkeypatch):
 def test_model_passes_right_after_traces_are_dropped(loaded, model_dir, monkeypatch):
     full = g.load_audio(AUDIO)
     clips = [full[:n] for n in (8000, 16000, 24000, 40000, None)] + [AUDIO_SHORT]
-    expected = [g.transcribe(*loaded, clip) for clip in clips]  # MAX_TRACES: each shape's kept
+    expected = [g.transcribe(*loaded, clip) for clip in clips]  # with the default MAX_TRACES
     assert len(set(expected)) > 3
     monkeypatch.setattr(g.Compiled, "MAX_TRACES", 2)
     model, tokenizer = g.load(model_dir, dtype=mx.float32)
@@ -144,7 +144,7 @@ def test_model_passes_right_after_traces_are_dropped(loaded, model_dir, monkeypa
 
 @pytest.fixture(scope="module")
 def speech_file(tmp_path_factory):
-    """14 s: the fixture's clip at four loudnesses, one window of a dozen words or so."""
+    """13.7 s: the fixture's clip at four loudnesses, one window of about a dozen words."""
     speech = g.load_audio(AUDIO)
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
     sf.write(path, np.concatenate([speech * k for k in (0.3, 0.6, 1.0, 1.5)]), SR, "PCM_16")
@@ -169,7 +169,7 @@ def cues(text, vtt):
 @pytest.mark.parametrize("fmt, width, count", [("srt", 16, 1), ("vtt", 60, 1), ("srt", 24, 3)])
 def test_subtitle_options_shape_the_cues(loaded, model_dir, speech_file, fmt, width, count):
     """The CLI's cues are those of the library's split_segments and subtitles given the options:
-    each of several words fits `count` lines of `width` characters (one word may not)."""
+    a cue of several words fits `count` lines of `width` characters (a single word may not)."""
     vtt = fmt == "vtt"
     timed = g.transcribe(*loaded, speech_file, word_timestamps=True)
     words = [w for s in timed["segments"] for w in s["words"]]
