@@ -8,6 +8,7 @@ reference computed in float32 (see tests/fixtures/README.md). Float stages must 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,9 +30,14 @@ FIXTURE = HERE / "tests" / "fixtures" / "dev"
 CHECKPOINT = FIXTURE / "checkpoint"
 CASES = {"golden": "audio.wav", "golden_short": "audio_short.wav"}
 TOL = 1e-4  # float32: max |ours - ref| <= TOL * max |ref|
-# bfloat16 keeps 8 significant bits (unit roundoff 2**-9 ~ 0.2 %); through the 4 + 2 + 2 layers of
-# the fixture the measured error is <= 1.5 % of each array's max, so 4 % is a bound with headroom.
-TOL_BF16 = 4e-2
+# bfloat16 keeps 8 significant bits (unit roundoff 2**-9 ~ 0.2 %). Computed in bfloat16 from
+# inputs in bfloat16, as transcription does, the fixture's stages measured 0.61-1.44 % of each
+# array's max on a CPU (BPE logits 0.61 / 1.30 %, audio embeddings 1.06 / 1.08 %, editor logits
+# 0.90 / 1.44 %): 3 % is about twice that.
+TOL_BF16 = 3e-2
+# The change in the reference's top-1 minus top-2 logit measured <= 0.81 % of the max (0.72-0.81 %):
+# ids may differ only where that gap is within 2 %.
+GAP_BF16 = 2e-2
 
 
 def log_mel1(waveform):
@@ -124,10 +130,25 @@ def test_encoder_hypothesis(case):
 # ---- projector ----
 
 
-def test_multilayer_features(loaded, case):
+def spy(monkeypatch, cls):
+    """The first argument of each call of cls's instances, while the test runs."""
+    seen, call = [], cls.__call__
+
+    def spied(self, x, *args, **kwargs):
+        seen.append(x)
+        return call(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", spied)
+    return seen
+
+
+def test_multilayer_features(loaded, case, monkeypatch):
+    """The encoder's hidden states that encode hands the projector: the selected layers."""
     model, _ = loaded
-    selected = [case["encoder_hidden_states"][i] for i in model.args.encoder_layer_indices]
-    np.testing.assert_array_equal(np.concatenate(selected, axis=-1), case["multilayer_features"])
+    seen = spy(monkeypatch, g.QFormerProjector)
+    encode1(model, case["input_features"])
+    assert len(seen) == 1
+    assert_close(seen[0][0], case["multilayer_features"])
 
 
 def test_projector(loaded, case):
@@ -155,18 +176,19 @@ def test_insert_slots_matches_reference(case):
     assert slots == case["editor_input_ids"].tolist()
 
 
-def test_editor_embeddings(loaded, case):
+def test_editor_embeddings(loaded, case, monkeypatch):
+    """The rows that edit hands the editor: the audio embeddings, then the slots' embeddings."""
     model, _ = loaded
-    text_embeds = model.editor.embed_tokens(mx.array(case["editor_input_ids"]))
-    assert_close(text_embeds, case["editor_inputs_embeds"][case["audio_len"] :])
-    assert_close(mx.array(case["audio_embeds"]), case["editor_inputs_embeds"][: case["audio_len"]])
+    seen = spy(monkeypatch, g.GraniteEditor)
+    edit1(model, case["audio_embeds"], case["encoder_preds"].tolist())
+    assert len(seen) == 1
+    assert_close(seen[0][0], case["editor_inputs_embeds"])
 
 
 def test_editor_last_hidden(loaded, case):
+    # The reference's positions are 0..S-1 over [audio | slots] (editor_position_ids): rotary
+    # embeddings read their differences, which edit's logits show (test_edit, batch tests).
     model, _ = loaded
-    np.testing.assert_array_equal(
-        case["editor_position_ids"], np.arange(len(case["editor_inputs_embeds"]))
-    )
     assert_close(
         model.editor(mx.array(case["editor_inputs_embeds"])[None])[0], case["editor_last_hidden"]
     )
@@ -286,28 +308,36 @@ def test_transcribe_many_equals_one_by_one(loaded):
 # ---- reduced precision ----
 
 
-def _margin(logits):
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
-
-
 def test_bfloat16_stages(model_dir, case):
+    """Each stage in bfloat16, from its inputs in bfloat16 as transcription hands them over (a
+    float32 input would make it compute in float32), against the float32 reference."""
     model, _ = g.load(model_dir, dtype=mx.bfloat16)
     assert model.editor.layers[0].mlp.gate_up_proj.weight.dtype == mx.bfloat16
-    bpe_logits, audio_embeds = encode1(model, case["input_features"])
-    text_logits = edit1(model, case["audio_embeds"], case["encoder_preds"].tolist())
+    bf16 = lambda name: mx.array(case[name])[None].astype(mx.bfloat16)
+    bpe_logits, audio_embeds = model.encode(bf16("input_features"))
+    slots = g.insert_slots(
+        case["encoder_preds"].tolist(), case["blank_token_id"], case["min_edit_sequence_length"]
+    )
+    text_logits = model.edit(bf16("audio_embeds"), mx.array([slots]))[0]
+    bpe_logits, audio_embeds = bpe_logits[0], audio_embeds[0]
     for ours, name in (
         (bpe_logits, "encoder_bpe_logits"),
         (audio_embeds, "audio_embeds"),
         (text_logits, "editor_text_logits"),
     ):
+        assert ours.dtype == mx.bfloat16, name
         assert_close(ours, case[name], TOL_BF16)
-    # An id may only differ where the reference's top-1/top-2 gap is within twice the error bound.
+    # The reference's top-1 minus top-2 gap moves by at most GAP_BF16: an id may differ only where
+    # the gap is within that, and most are not.
     for ours, name in ((bpe_logits, "encoder_bpe_logits"), (text_logits, "editor_text_logits")):
-        ref = case[name]
-        decided = _margin(ref) > 2 * TOL_BF16 * np.abs(ref).max()
-        ours_ids = np.array(mx.argmax(ours, axis=-1))
-        np.testing.assert_array_equal(ours_ids[decided], ref.argmax(-1)[decided])
+        ours, ref = np.array(ours.astype(mx.float32)), case[name]
+        rows, scale = np.arange(len(ref)), np.abs(ref).max()
+        top2 = np.argsort(ref, axis=-1)[:, -2:]
+        gap = lambda x: x[rows, top2[:, 1]] - x[rows, top2[:, 0]]
+        assert np.abs(gap(ours) - gap(ref)).max() <= GAP_BF16 * scale, name
+        decided = gap(ref) > GAP_BF16 * scale
+        assert decided.mean() > 0.6, (name, decided.sum(), len(decided))
+        np.testing.assert_array_equal(ours.argmax(-1)[decided], ref.argmax(-1)[decided], name)
 
 
 # ---- decoding units ----
@@ -368,7 +398,12 @@ def test_detokenizer_clean_up_tokenization_spaces(tmp_path):
 def test_short_silent_and_invalid_audio(loaded, tmp_path):
     model, tokenizer = loaded
     assert g.transcribe(model, tokenizer, np.zeros(319, np.float32)) == ""
-    assert isinstance(g.transcribe(model, tokenizer, np.zeros(16000, np.float32)), str)
+    silent = np.zeros(16000, np.float32)
+    assert g.transcribe(model, tokenizer, silent) == ""
+    assert g.transcribe(model, tokenizer, [silent, FIXTURE / "audio_short.wav"]) == [
+        "",
+        json.loads((FIXTURE / "golden_short.json").read_text())["decoded_text"],
+    ]
     with pytest.raises(ValueError, match="NaN"):
         g.transcribe(model, tokenizer, np.full(16000, np.nan, np.float32))
     with pytest.raises(ValueError, match="mono"):
@@ -393,10 +428,12 @@ def _write_wav(path, samples, rate=16000, channels=1):
 
 
 def test_load_audio_rate_and_channels(tmp_path):
-    _write_wav(tmp_path / "44k.wav", np.zeros(441, np.int16), rate=44100)
-    assert g.load_audio(tmp_path / "44k.wav").shape == (
-        160,
-    )  # resampled (tests/test_audio_cli.py checks how well)
+    tone = lambda rate: 0.5 * np.sin(2 * np.pi * 440 * np.arange(rate // 10) / rate)  # 0.1 s
+    _write_wav(tmp_path / "44k.wav", 32767 * tone(44100), rate=44100)
+    resampled = g.load_audio(tmp_path / "44k.wav")
+    assert resampled.shape == (1600,)  # tests/test_audio_cli.py checks the resampling further
+    # the tone at 16 kHz, but for the filter's edge effects in the first and last 2 ms
+    np.testing.assert_allclose(resampled[32:-32], tone(16000)[32:-32], atol=3e-4)
     stereo = np.stack(
         [np.full(10, 1000), np.full(10, 3000)], axis=1
     )  # (frames, channels), interleaved
@@ -610,7 +647,10 @@ def test_quantized_module_types_config_and_size(model_dir, quantized):
     bits, q_dir = quantized
     model, _ = g.load(q_dir, dequantize=False)
     assert json.loads((q_dir / "config.json").read_text())["quantization"] == {
-        "bits": bits, "group_size": Q_GROUP, "scope": "editor"}  # fmt: skip
+        "bits": bits,
+        "group_size": Q_GROUP,
+        "scope": "editor",
+    }
     assert isinstance(model.editor.embed_tokens, nn.QuantizedEmbedding)
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
@@ -764,13 +804,21 @@ def test_cli_default_model_is_the_5bit_conversion():
     assert g.DEFAULT_MODEL == "mlx-community/granite-speech-4.1-2b-nar-mlx-5bit"
 
 
-def test_readme_quickstart_prints_what_it_says():
-    """The README's fixture commands, run as written, print its "This should print" block."""
+def test_readme_quickstart_prints_what_it_says(tmp_path):
+    """The README's fixture commands, run as written, print its "This should print" block: with
+    this Python for `python` (whatever PATH holds), the paths it gives in /tmp in tmp_path."""
     readme = (HERE / "README.md").read_text()
     quickstart = readme[readme.index("## Quickstart") : readme.index("## Python")]
     commands, expected = re.findall(r"```\n(.*?)```", quickstart, re.S)[1:3]
+    in_tmp = lambda arg: (
+        tmp_path / Path(arg).relative_to("/tmp") if arg.startswith("/tmp/") else arg
+    )
     for command in commands.strip().splitlines():
-        result = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=HERE)
+        program, *args = shlex.split(command)
+        assert program == "python", command
+        result = subprocess.run(
+            [sys.executable, *map(str, map(in_tmp, args))], capture_output=True, text=True, cwd=HERE
+        )
         assert result.returncode == 0, (command, result.stderr)
     assert result.stdout == expected
 

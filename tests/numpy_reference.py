@@ -268,3 +268,23 @@ def load_checkpoint(path):
             for k, v in mx.load(os.path.join(path, f)).items():
                 weights[k] = np.array(v.astype(mx.float32), dtype=np.float64)
     return config, weights
+
+
+# ----------------------------------------------------------------------------- detokenizer
+def byte_alphabet():
+    """GPT-2's byte-level alphabet: byte -> the printable character that stands for it. Printable
+    Latin-1 bytes stand for themselves, the others for 256, 257, ... in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def decode(tokenizer, ids):
+    """ids -> text, as a byte-level BPE tokenizer.json (a dict) decodes them: added (special)
+    tokens dropped, every other token's characters read back as bytes, and the bytes as UTF-8
+    with U+FFFD for each invalid sequence."""
+    byte_of = {c: b for b, c in byte_alphabet().items()}
+    token = {i: t for t, i in tokenizer["model"]["vocab"].items()}
+    special = {t["id"] for t in tokenizer["added_tokens"]}
+    data = bytes(byte_of[c] for i in ids if int(i) not in special for c in token[int(i)])
+    return data.decode("utf-8", errors="replace")

@@ -88,9 +88,15 @@ def _noise(path, seconds, seed=0):
 
 def test_bad_options_are_one_line_each(model_dir):
     messages = {}
-    for option in ("--chunk-seconds inf", "--chunk-seconds nan", "--batch-size 0",
-                   "--batch-seconds 0", "--batch-seconds nan", "--editing-steps 0",
-                   "--verbose --quiet"):  # fmt: skip
+    for option in (
+        "--chunk-seconds inf",
+        "--chunk-seconds nan",
+        "--batch-size 0",
+        "--batch-seconds 0",
+        "--batch-seconds nan",
+        "--editing-steps 0",
+        "--verbose --quiet",
+    ):
         messages[option] = _usage_error(_cli(AUDIO, "--model", model_dir, *option.split()))
         assert option.split()[0] in messages[option], messages[option]
         if option == "--verbose --quiet":
@@ -115,9 +121,15 @@ def test_closed_stdout_gives_no_traceback(model_dir, tmp_path):
     python += ["--chunk-seconds", "4", "--batch-size", "1"]
     command = f"{shlex.join(python)} 2>{shlex.quote(str(err))} | head -1; exit ${{PIPESTATUS[0]}}"
     result = subprocess.run(
-        command, shell=True, executable="/bin/bash", capture_output=True, text=True, env=_env(),
-        cwd=ROOT, timeout=120,
-    )  # fmt: skip
+        command,
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
     stderr = err.read_text(encoding="utf-8")
     assert result.stdout == f"==> {AUDIO_SHORT} <==\n", result.stdout
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
@@ -130,12 +142,17 @@ def test_closed_stdout_gives_no_traceback(model_dir, tmp_path):
 
 def test_ctrl_c_exits_130_without_traceback(model_dir, tmp_path):
     _noise(tmp_path / "long.wav", 180)  # minutes of windows: it is still going
-    command = [sys.executable, str(SCRIPT), str(tmp_path / "long.wav"), "--model", str(model_dir),
-               "--chunk-seconds", "4", "--batch-size", "1"]  # fmt: skip
+    command = [sys.executable, str(SCRIPT), str(tmp_path / "long.wav"), "--model", str(model_dir)]
+    command += ["--chunk-seconds", "4", "--batch-size", "1"]
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8",
-        env=_env(), cwd=ROOT,
-    )  # fmt: skip
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=_env(),
+        cwd=ROOT,
+    )
     try:
         seen = []
         for line in process.stderr:  # wait for the first progress line: it is transcribing
@@ -198,23 +215,26 @@ def test_missing_model_directory_and_unknown_repo(model_dir, tmp_path):
 # 7-10. several files, folders, --output-dir, temporary files
 
 
-def test_several_files_folders_output_dir_and_no_temporary_files(model_dir, tmp_path):
-    work, out, tmpdir = tmp_path / "work", tmp_path / "out", tmp_path / "tmpdir"
+def test_several_files_folders_output_dir_and_no_temporary_files(model_dir, tmp_path, child_tmpdir):
+    work, out, tmpdir = tmp_path / "work", tmp_path / "out", child_tmpdir
     for folder in ("a", "b", "c"):
         (work / folder).mkdir(parents=True)
-    tmpdir.mkdir()
     shutil.copy(AUDIO, work / "a" / "x.wav")
     shutil.copy(AUDIO_SHORT, work / "b" / "x.wav")  # the same name in another folder
     sf.write(work / "a" / "x.flac", sf.read(AUDIO, dtype="int16")[0], SR, subtype="PCM_16")
     shutil.copy(AUDIO_SHORT, work / "c" / "y.wav")
     (work / "c" / "notes.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A not really")
     (work / "c" / "notes.txt").write_text("not audio")
-    result = _cli("a/x.wav", "b/x.wav", "a/x.flac", "c", "--model", model_dir, "--output-dir", out,
-                  cwd=work, TMPDIR=str(tmpdir))  # fmt: skip
+    inputs = ("a/x.wav", "b/x.wav", "a/x.flac", "c")
+    result = _cli(*inputs, "--model", model_dir, "--output-dir", out, cwd=work, TMPDIR=str(tmpdir))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     # 7: each file named, as head does; a blank line between blocks
-    texts = {"a/x.wav": GOLDEN_TEXT, "b/x.wav": GOLDEN_SHORT, "a/x.flac": GOLDEN_TEXT,
-             "c/y.wav": GOLDEN_SHORT}  # fmt: skip
+    texts = {
+        "a/x.wav": GOLDEN_TEXT,
+        "b/x.wav": GOLDEN_SHORT,
+        "a/x.flac": GOLDEN_TEXT,
+        "c/y.wav": GOLDEN_SHORT,
+    }
     assert result.stdout == "\n".join(f"==> {f} <==\n{t}\n" for f, t in texts.items())
     # 9: one note naming the skipped files
     notes = [line for line in _lines(result.stderr) if line.startswith("note:")]

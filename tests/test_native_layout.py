@@ -3,6 +3,7 @@ in the original hub layout, in the native one and with older transformers names 
 parameters and outputs, directly and through convert.py, with IBM's semantics. Its projector is as
 wide as its editor: the native layout cannot hold the dev fixture's (128 wide, editor 96)."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -34,9 +35,13 @@ TO_NATIVE = (  # UPSTREAM.md's renames: anchored prefixes, specific before gener
 )
 NORMS = re.compile(r"projector\..*norm")  # the projector LayerNorms, which the native layout drops
 ENCODER_KEYS = {"bpe_output_dim": "vocabulary_size", "bpe_pooling_window": "pooling_window"}
-PROJECTOR_KEYS = {"num_heads": "num_attention_heads", "num_layers": "num_hidden_layers",
-                  "block_size": "window_size", "layernorm_eps": "layer_norm_eps",
-                  "attn_bias": "attention_bias"}  # fmt: skip
+PROJECTOR_KEYS = {
+    "num_heads": "num_attention_heads",
+    "num_layers": "num_hidden_layers",
+    "block_size": "window_size",
+    "layernorm_eps": "layer_norm_eps",
+    "attn_bias": "attention_bias",
+}
 GONE = {
     "pred_dropout",
     "blank_token_id",
@@ -151,11 +156,17 @@ def ckpt(tmp_path_factory):
     config["projector_config"].update(hidden_size=width, llm_dim=width, num_heads=4)
     weights = random_weights(config)
     native = to_native(config, weights)
-    older = {"model." + k.replace("language_model.model.", "language_model."): v
-             for k, v in weights.items()}  # fmt: skip
-    return dict(original=write(tmp / "original", config, weights), native_layout=native,
-                native=write(tmp / "native", *native), older=write(tmp / "older", config, older),
-                tmp=tmp)  # fmt: skip
+    older = {
+        "model." + k.replace("language_model.model.", "language_model."): v
+        for k, v in weights.items()
+    }
+    return dict(
+        original=write(tmp / "original", config, weights),
+        native_layout=native,
+        native=write(tmp / "native", *native),
+        older=write(tmp / "older", config, older),
+        tmp=tmp,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,22 +193,33 @@ def outputs(model, tokenizer):
     return hyp, text, *(np.array(x).tobytes() for x in (bpe_logits, audio_embeds, logits))
 
 
-def test_shape_table_is_the_dev_checkpoints():
-    weights = granite_nar.read_weights(DEV / "checkpoint")
-    config = granite_nar.read_config(DEV / "checkpoint")
-    assert original_shapes(config) == {k: tuple(v.shape) for k, v in weights.items()}
+def test_native_checkpoint_reads_as_the_original(ckpt):
+    """read_checkpoint maps the native layout back to the original one: UPSTREAM.md's renames of
+    config keys and tensors inverted, the dropped projector norms restored as identities (the
+    original's are), so that the same model arguments and the same tensors come out, before any
+    loading. No native tensor name is an original one: none is read as it is."""
+    native_config, native = ckpt["native_layout"]
+    original = granite_nar.read_weights(ckpt["original"])
+    assert not set(native) & set(original)
+    assert "encoder_layer_indices" not in native_config
+    ours, theirs = (
+        granite_nar.read_checkpoint(ckpt["native"]),
+        granite_nar.read_checkpoint(ckpt["original"]),
+    )
 
+    def effective(args):  # a native config gives intermediate_size instead of mlp_ratio
+        p = args.projector
+        size = p.intermediate_size or int(p.hidden_size * p.mlp_ratio)
+        return dataclasses.replace(
+            args, projector=dataclasses.replace(p, mlp_ratio=0, intermediate_size=size)
+        )
 
-def test_native_writer_renames_and_drops(ckpt):
-    config, weights = ckpt["native_layout"]
-    assert not [k for k in weights if not k.startswith("model.")]
-    assert not [k for k in weights if "norm" in k and ".projector." in k]
-    assert not [k for k in weights if "cross_attention" in k]
-    for key in ("qformer.layers.1.cross_attn.o_proj.bias", "qformer.linear.weight", "proj.bias"):
-        assert "model.projector." + key in weights
-    assert config["encoder_config"]["cat_hidden_layers"] == [1, 2, 3]
-    assert config["projector_config"]["intermediate_size"] == 192
-    assert not {"encoder_layer_indices", "min_edit_sequence_length"} & set(config)
+    assert effective(ours[1].args) == effective(theirs[1].args)
+    assert ours[1].args.encoder_layer_indices == [1, 2, 3, -1]
+    assert sorted(ours[2]) == sorted(theirs[2])
+    for key, value in theirs[2].items():
+        assert ours[2][key].dtype == value.dtype, key
+        assert mx.array_equal(ours[2][key], value).item(), key
 
 
 @pytest.mark.parametrize("layout", ["native", "older"])
@@ -211,8 +233,9 @@ def test_same_parameters_and_outputs(loaded, layout):
 def test_convert_native(ckpt, loaded):
     convert(ckpt["native"], ckpt["tmp"] / "converted")
     cli = [sys.executable, "convert.py", "--hf-path", str(ckpt["native"])]
-    run = subprocess.run([*cli, "--mlx-path", str(ckpt["tmp"] / "cli")], cwd=ROOT, text=True,
-                         capture_output=True)  # fmt: skip
+    run = subprocess.run(
+        [*cli, "--mlx-path", str(ckpt["tmp"] / "cli")], cwd=ROOT, text=True, capture_output=True
+    )
     assert run.returncode == 0, run.stderr
     for out in ("converted", "cli"):
         model, tokenizer = granite_nar.load(ckpt["tmp"] / out, dtype=mx.float32)
@@ -228,19 +251,37 @@ def test_native_keeps_ibm_semantics(ckpt, loaded):
     assert args.encoder_layer_indices == cat + [-1] == [1, 2, 3, -1]
 
 
-@pytest.mark.parametrize("key, value, message", [  # value None: the tensor is dropped
-    ("model.encoder.layers.1.attn.to_q.weight", None,
-     "1 missing: encoder.layers.1.attn.to_q.weight"),
-    ("model.language_model.layers.0.mlp.up_proj.weight", None,
-     "1 missing: editor.layers.0.mlp.up_proj.weight"),
-    ("model.language_model.layers.1.self_attn.v_proj.weight", mx.zeros((16, 7)),
-     "mis-shaped: editor.layers.1.self_attn.q_proj.weight"),
-    ("model.encoder.extra.weight", mx.zeros((2,)), "1 unknown: encoder.extra.weight"),
-    ("model.projector.qformer.queries", mx.zeros((1, 4, 96)),
-     "1 mis-shaped: projector.query (1, 4, 96) (expected (1, 3, 96))"),
-    ("model.projector.qformer.layers.1.cross_attn.k_proj.weight", mx.zeros((96, 64)),
-     "1 mis-shaped: projector.qformer.layers.1.cross_attention.k_proj.weight (96, 64)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "key, value, message",
+    [  # value None: the tensor is dropped
+        (
+            "model.encoder.layers.1.attn.to_q.weight",
+            None,
+            "1 missing: encoder.layers.1.attn.to_q.weight",
+        ),
+        (
+            "model.language_model.layers.0.mlp.up_proj.weight",
+            None,
+            "1 missing: editor.layers.0.mlp.up_proj.weight",
+        ),
+        (
+            "model.language_model.layers.1.self_attn.v_proj.weight",
+            mx.zeros((16, 7)),
+            "mis-shaped: editor.layers.1.self_attn.q_proj.weight",
+        ),
+        ("model.encoder.extra.weight", mx.zeros((2,)), "1 unknown: encoder.extra.weight"),
+        (
+            "model.projector.qformer.queries",
+            mx.zeros((1, 4, 96)),
+            "1 mis-shaped: projector.query (1, 4, 96) (expected (1, 3, 96))",
+        ),
+        (
+            "model.projector.qformer.layers.1.cross_attn.k_proj.weight",
+            mx.zeros((96, 64)),
+            "1 mis-shaped: projector.qformer.layers.1.cross_attention.k_proj.weight (96, 64)",
+        ),
+    ],
+)
 def test_native_mismatched_tensors_refused_by_name(ckpt, tmp_path, key, value, message):
     config, weights = ckpt["native_layout"]
     weights = {k: v for k, v in weights.items() if k != key}
@@ -252,8 +293,10 @@ def test_native_mismatched_tensors_refused_by_name(ckpt, tmp_path, key, value, m
 
 def test_native_stored_projector_norms_kept(ckpt, tmp_path):
     config, weights = ckpt["native_layout"]
-    stored = {"model.projector.layer_norms.2.weight": mx.arange(64) / 8,
-              "model.projector.qformer.layers.1.mlp_norm.bias": mx.arange(96) / 16 - 3}  # fmt: skip
+    stored = {
+        "model.projector.layer_norms.2.weight": mx.arange(64) / 8,
+        "model.projector.qformer.layers.1.mlp_norm.bias": mx.arange(96) / 16 - 3,
+    }
     path = write(tmp_path / "norms", config, {**weights, **stored})
     params = dict(tree_flatten(granite_nar.load(path, dtype=mx.float32)[0].parameters()))
     for key, value in stored.items():
