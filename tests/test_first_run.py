@@ -103,7 +103,7 @@ def test_bad_options_are_one_line_each(model_dir):
             assert "--quiet" in messages[option], messages[option]
     limit = g.max_chunk_seconds(g.read_checkpoint(model_dir)[1].args)
     assert limit == 112  # the dev model's editor positions
-    message = _failure(_cli(AUDIO, "--model", model_dir, "--chunk-seconds", "300"))
+    message = _usage_error(_cli(AUDIO, "--model", model_dir, "--chunk-seconds", "300"))
     assert "--chunk-seconds" in message and str(limit) in message, message
     messages["--chunk-seconds 300"] = message
     assert len(set(messages.values())) == len(messages), messages

@@ -52,7 +52,6 @@ GONE = {
 }
 
 
-# fmt: off
 def original_shapes(config):
     """Every tensor of the original layout and its shape, as tests/fixtures/README.md lists them.
     In the tables a name ending in "+" is a Linear or Conv1d with a bias, "~" a norm's affine."""
@@ -64,35 +63,89 @@ def original_shapes(config):
     M, L, I = int(H * p["mlp_ratio"]), t["hidden_size"], t["intermediate_size"]
     hd = L // t["num_attention_heads"]
     heads, kv = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
-    tables = [("encoder.", {"input_linear+": (D, e["input_dim"]), "out+": (C, D),
-                            "out_mid+": (D, C), "out_bpe+": (V, D)})]
-    tables += [(f"encoder.layers.{i}.", {
-        "ff1.pre_norm~": D, "ff1.up_proj+": (F, D), "ff1.down_proj+": (D, F),
-        "ff2.pre_norm~": D, "ff2.up_proj+": (F, D), "ff2.down_proj+": (D, F),
-        "attn.pre_norm~": D, "attn.to_q.weight": (inner, D), "attn.to_kv.weight": (2 * inner, D),
-        "attn.to_out+": (D, inner), "attn.rel_pos_emb.weight": (P, e["dim_head"]),
-        "conv.norm~": D, "conv.up_conv+": (2 * E, D, 1), "conv.depth_conv.conv.weight": (E, 1, K),
-        "conv.batch_norm~": E, "conv.batch_norm.running_mean": (E,),
-        "conv.batch_norm.running_var": (E,), "conv.batch_norm.num_batches_tracked": (),
-        "conv.down_conv+": (D, E, 1), "post_norm~": D,
-    }) for i in range(e["num_layers"])]
-    tables += [("projector.", {
-        **{f"layer_norms.{j}~": D for j in range(k)}, "layer_projector+": (H, k * D),
-        "query": (1, B // p["downsample_rate"], H), "window_positions": (1, B, H),
-        "out_norm~": H, "out_linear+": (p["llm_dim"], H),
-    })]
-    tables += [(f"projector.qformer.layers.{i}.", {
-        "attn_norm~": H, **{f"cross_attention.{x}_proj+": (H, H) for x in "qkvo"},
-        "mlp_norm~": H, "mlp.fc1+": (M, H), "mlp.fc2+": (H, M),
-    }) for i in range(p["num_layers"])]
+    tables = [
+        (
+            "encoder.",
+            {
+                "input_linear+": (D, e["input_dim"]),
+                "out+": (C, D),
+                "out_mid+": (D, C),
+                "out_bpe+": (V, D),
+            },
+        )
+    ]
+    tables += [
+        (
+            f"encoder.layers.{i}.",
+            {
+                "ff1.pre_norm~": D,
+                "ff1.up_proj+": (F, D),
+                "ff1.down_proj+": (D, F),
+                "ff2.pre_norm~": D,
+                "ff2.up_proj+": (F, D),
+                "ff2.down_proj+": (D, F),
+                "attn.pre_norm~": D,
+                "attn.to_q.weight": (inner, D),
+                "attn.to_kv.weight": (2 * inner, D),
+                "attn.to_out+": (D, inner),
+                "attn.rel_pos_emb.weight": (P, e["dim_head"]),
+                "conv.norm~": D,
+                "conv.up_conv+": (2 * E, D, 1),
+                "conv.depth_conv.conv.weight": (E, 1, K),
+                "conv.batch_norm~": E,
+                "conv.batch_norm.running_mean": (E,),
+                "conv.batch_norm.running_var": (E,),
+                "conv.batch_norm.num_batches_tracked": (),
+                "conv.down_conv+": (D, E, 1),
+                "post_norm~": D,
+            },
+        )
+        for i in range(e["num_layers"])
+    ]
+    tables += [
+        (
+            "projector.",
+            {
+                **{f"layer_norms.{j}~": D for j in range(k)},
+                "layer_projector+": (H, k * D),
+                "query": (1, B // p["downsample_rate"], H),
+                "window_positions": (1, B, H),
+                "out_norm~": H,
+                "out_linear+": (p["llm_dim"], H),
+            },
+        )
+    ]
+    tables += [
+        (
+            f"projector.qformer.layers.{i}.",
+            {
+                "attn_norm~": H,
+                **{f"cross_attention.{x}_proj+": (H, H) for x in "qkvo"},
+                "mlp_norm~": H,
+                "mlp.fc1+": (M, H),
+                "mlp.fc2+": (H, M),
+            },
+        )
+        for i in range(p["num_layers"])
+    ]
     tables += [("language_model.model.", {"embed_tokens.weight": (V, L), "norm.weight": (L,)})]
-    tables += [(f"language_model.model.layers.{i}.", {
-        "input_layernorm.weight": (L,), "post_attention_layernorm.weight": (L,),
-        "self_attn.q_proj.weight": (heads, L), "self_attn.k_proj.weight": (kv, L),
-        "self_attn.v_proj.weight": (kv, L), "self_attn.o_proj.weight": (L, heads),
-        "mlp.gate_proj.weight": (I, L), "mlp.up_proj.weight": (I, L),
-        "mlp.down_proj.weight": (L, I),
-    }) for i in range(t["num_hidden_layers"])]
+    tables += [
+        (
+            f"language_model.model.layers.{i}.",
+            {
+                "input_layernorm.weight": (L,),
+                "post_attention_layernorm.weight": (L,),
+                "self_attn.q_proj.weight": (heads, L),
+                "self_attn.k_proj.weight": (kv, L),
+                "self_attn.v_proj.weight": (kv, L),
+                "self_attn.o_proj.weight": (L, heads),
+                "mlp.gate_proj.weight": (I, L),
+                "mlp.up_proj.weight": (I, L),
+                "mlp.down_proj.weight": (L, I),
+            },
+        )
+        for i in range(t["num_hidden_layers"])
+    ]
     shapes = {}
     for prefix, table in tables:
         for name, shape in table.items():
@@ -104,7 +157,6 @@ def original_shapes(config):
             else:
                 shapes[prefix + name] = shape
     return shapes
-# fmt: on
 
 
 def random_weights(config, seed=0):
