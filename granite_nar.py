@@ -1595,16 +1595,20 @@ class Prefetch:
         return not self.ready.empty()
 
 
-def finish_windows(model, tokenizer, batch, encoded, edited, since, word_timestamps):
-    """A batch's Windows with their texts and words (in the input's time), once its last editor
-    pass is done; the seconds from `since` shared among them by length."""
-    texts, words = finish_batch(model, tokenizer, len(batch), encoded, edited, word_timestamps)
-    seconds = time.perf_counter() - since
-    total = max(1, sum(len(samples) for _, samples in batch))
-    for (window, samples), text, timed in zip(batch, texts, words):
-        window.text, window.elapsed = text, seconds * len(samples) / total
-        window.words = None if timed is None else _shift(timed, window.start, window.seconds)
-        yield window
+def finish_batches(model, tokenizer, handoff, word_timestamps):
+    """The Windows of each batch (Window and samples pairs, Encoded, edit_batch's result) taken
+    from the queue handoff until None, with their texts and words (in the input's time), each
+    batch's once its last editor pass is done; the seconds since the batch before are shared
+    among its windows by length."""
+    since = time.perf_counter()
+    for batch, encoded, edited in iter(handoff.get, None):
+        texts, words = finish_batch(model, tokenizer, len(batch), encoded, edited, word_timestamps)
+        seconds, since = time.perf_counter() - since, time.perf_counter()
+        total = max(1, sum(len(samples) for _, samples in batch))
+        for (window, samples), text, timed in zip(batch, texts, words):
+            window.text, window.elapsed = text, seconds * len(samples) / total
+            window.words = None if timed is None else _shift(timed, window.start, window.seconds)
+        yield [window for window, _ in batch]
 
 
 def _shift(words, start, seconds):
@@ -1638,21 +1642,28 @@ def transcribe_stream(
     windows = read_windows(audios, sample_rate, chunk_seconds)
     batches = Prefetch(batch_windows(windows, batch_size, batch_seconds))
     # As mlx-lm's generate_step: the device runs a batch's editor and the next batch's encoder
-    # while the host finishes the batch before (benchmarks/README.md). next(queued) reads the
-    # next prepared batch and queues its encoder pass.
+    # while the host finishes the batch before. next(queued) reads the next prepared batch and
+    # queues its encoder pass. The host cannot queue far ahead of the device, so a thread
+    # finishes the batches (reads their tokens, decodes, aligns word times) while this one
+    # waits for the device (13-15 % of throughput with word timestamps, benchmarks/README.md).
     queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
-    tic, previous = time.perf_counter(), None
-    current = next(queued, None)
-    while current:
-        batch, encoded = current
-        edited = edit_batch(model, encoded, editing_steps, word_timestamps)  # the last pass queued
-        current = next(queued, None)  # the next encoder pass, queued behind it
-        if previous:
-            yield from finish_windows(model, tokenizer, *previous, tic, word_timestamps)
-            tic = time.perf_counter()
-        previous = batch, encoded, edited
-    if previous:
-        yield from finish_windows(model, tokenizer, *previous, tic, word_timestamps)
+    handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
+    finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
+    try:
+        current, handed = next(queued, None), 0
+        while current:
+            batch, encoded = current
+            edited = edit_batch(model, encoded, editing_steps, word_timestamps)  # last pass queued
+            current = next(queued, None)  # the next encoder pass, queued behind it
+            handoff.put((batch, encoded, edited))
+            if handed:  # the batch before, finished while this one's hypotheses were awaited
+                yield from next(finished)
+            handed = 1
+        if handed:
+            handoff.put(None)
+            yield from next(finished)
+    finally:
+        handoff.put(None)
 
 
 def join_windows(texts):

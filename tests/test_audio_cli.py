@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import wave
 from pathlib import Path
 
@@ -322,11 +323,15 @@ def test_batches_overlap_with_one_batch_lag(loaded, monkeypatch, editing_steps, 
     audios = [speech[:SR], np.zeros(SR // 2, np.float32), speech[: 2 * SR], speech]
     options = dict(editing_steps=editing_steps, word_timestamps=word_timestamps)
     alone = [g.transcribe(model, tokenizer, x, **options) for x in audios]
-    log = []
+    log, threads = [], set()
     for name in ("encode_batch", "edit_batch"):
         function = getattr(g, name)
         logged = lambda *a, name=name, function=function: log.append(name) or function(*a)
         monkeypatch.setattr(g, name, logged)
+    finish_batch = g.finish_batch  # in a thread: the host finishes while the device works
+    monkeypatch.setattr(
+        g, "finish_batch", lambda *a: threads.add(threading.current_thread()) or finish_batch(*a)
+    )
     seconds = [0.5, 1.0, 2.0, len(speech) / SR]  # the order of the batches: shortest first
     for w in g.transcribe_stream(model, tokenizer, audios, batch_size=1, **options):
         log.append(seconds.index(w.seconds))
@@ -338,6 +343,7 @@ def test_batches_overlap_with_one_batch_lag(loaded, monkeypatch, editing_steps, 
             assert w.words is None
     enc, edit = "encode_batch", "edit_batch"
     assert log == [enc, edit, enc, edit, enc, 0, edit, enc, 1, edit, 2, 3]
+    assert len(threads) == 1 and threading.main_thread() not in threads
 
 
 # ---- iterative editing ----

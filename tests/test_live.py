@@ -231,7 +231,8 @@ def test_cli_live_text_srt_and_word_timestamps(model_dir, speech, tmp_path):
     assert text.returncode == 0, text.stderr
     assert " ".join(text.stdout.splitlines()) == offline["text"]
     timed = run("--live", "--output-format", "json", "--word-timestamps")
-    words = [w for line in timed.stdout.splitlines() for w in json.loads(line)["words"]]
+    finals = [event for event in map(json.loads, timed.stdout.splitlines()) if event["final"]]
+    words = [w for event in finals for w in event["words"]]
     assert words == [w for s in offline["segments"] for w in s["words"]] or not WORDS_EXACT
     srt = run("--live", "--output-format", "srt", "--max-line-width", "20")
     assert srt.returncode == 0 and srt.stdout.startswith("1\n00:00:0")
