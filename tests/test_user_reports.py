@@ -29,6 +29,8 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from test_first_run import _failure, _lines, _usage_error  # noqa: E402  (tests/ is on the path)
+
 import granite_nar as g  # noqa: E402
 
 SCRIPT = ROOT / "granite_nar.py"
@@ -57,34 +59,10 @@ def _cli(*args, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=120, **env):
     return result
 
 
-def _lines(stderr):
-    """stderr's lines, less the note a machine without OpenBLAS adds to every run."""
-    return [line for line in stderr.splitlines() if "OpenBLAS" not in line]
-
-
 def _ok(result):
     """A run that went well: exit 0, nothing on stderr (no warning, no traceback)."""
     assert result.returncode == 0 and _lines(result.stderr) == [], result.stderr
     return result.stdout
-
-
-def _failure(result, status=1):
-    """The one line a failed run writes to stderr (checked: exit status, no traceback)."""
-    assert result.returncode == status, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = _lines(result.stderr)
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
-def _usage_error(result):
-    """An argparse usage error: exit 2, the usage block, then one error line (returned)."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    *usage, error = _lines(result.stderr)
-    assert usage and usage[0].startswith("usage:"), result.stderr
-    assert error.startswith("granite_nar.py: error: "), result.stderr
-    return error
 
 
 def _named(*pairs):
