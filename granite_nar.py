@@ -1103,13 +1103,9 @@ class PcmStream:
     format = "PCM"
 
     def __init__(self, f, samplerate, channels=1, dtype="<i2", size=None, name="-", close=False):
-        self.f, self.samplerate, self.channels, self.dtype = (
-            f,
-            samplerate,
-            channels,
-            np.dtype(dtype),
-        )
-        self.left, self.name, self.close = size, name, close  # bytes of samples yet to read
+        self.f, self.name, self.close = f, name, close
+        self.samplerate, self.channels, self.dtype = samplerate, channels, np.dtype(dtype)
+        self.left = size  # bytes of samples yet to read (None: to the end)
 
     def __enter__(self):
         return self
@@ -1145,6 +1141,8 @@ def _open_audio(audio):
         return audio
     if not is_file and not Path(audio).is_file():
         raise FileNotFoundError(f"audio file not found: {audio}")
+    if not is_file and Path(audio).stat().st_size == 0:
+        raise ValueError(f"{name}: the file is empty (0 bytes)")
     f = audio if is_file else open(audio, "rb")
     seekable = f.seekable()
     start = f.tell() if seekable else 0
