@@ -2084,6 +2084,8 @@ def _live(model, tokenizer, args):
     try:
         for event in transcribe_live(model, tokenizer, blocks, *options):
             output.show(event)
+    except BrokenPipeError:  # stdout closed (| head): as anywhere else
+        raise
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ header does not know its length, or headerless PCM), in flat memory.
 
 import io
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -290,3 +291,21 @@ def test_cli_live_memory_stays_flat(model_dir):
         peaks[minutes] = float(result.stderr.splitlines()[-1])
     window_mb = g.CHUNK_SECONDS * SR * 4 / 2**20  # float32
     assert peaks[20] < peaks[4] + max(window_mb, 0.01 * peaks[4]), peaks
+
+
+def test_cli_live_into_a_closed_pipe(model_dir, speech, tmp_path):
+    # | head -1: the first final, then a quiet exit, as without --live
+    sf.write(tmp_path / "s.wav", speech, SR, subtype="FLOAT")
+    command = [sys.executable, "granite_nar.py", str(tmp_path / "s.wav"), "--live"]
+    command += ["--model", str(model_dir), "--chunk-seconds", "4"]
+    result = subprocess.run(
+        " ".join(map(shlex.quote, command)) + " | head -1; exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(result.stdout.splitlines()) == 1 and result.returncode == 1, result
+    assert "error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
