@@ -150,6 +150,7 @@ class FixedEditor:
                 tokens, slots = self.functions[name](*inputs)
                 own = g.slot_batch(fixed, blank, model.args.min_edit_sequence_length, step)[0]
                 result = mx.depends(own, tokens), slots
+                mx.async_eval(result[0])  # queued here: another thread reads it
             else:
                 result = self.functions[name](*args)
             if self.times is not None:
