@@ -8,6 +8,7 @@ header does not know its length, or headerless PCM), in flat memory.
 import io
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -311,3 +312,25 @@ def test_cli_live_into_a_closed_pipe(model_dir, speech, tmp_path):
     )
     assert len(result.stdout.splitlines()) == 1 and result.returncode == 1, result
     assert "error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cli_live_ctrl_c_prints_the_open_window(model_dir, speech):
+    pcm = np.round(np.clip(speech, -1, 1 - 2**-15) * 32768).astype(np.int16).tobytes()
+    command = [sys.executable, "granite_nar.py", "-", "--live", "--pcm-rate", str(SR)]
+    command += ["--model", str(model_dir), "--output-format", "json", "--verbose"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    for line in iter(process.stderr.readline, b""):  # past the imports and the load
+        if line.startswith(b"loaded "):
+            break
+    for i in range(0, 2 * SR * 3, 6400):  # 3 s of audio, about twice real time
+        process.stdin.write(pcm[i : i + 6400])
+        process.stdin.flush()
+        time.sleep(0.1)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    events = [json.loads(line) for line in out.decode().splitlines()]
+    assert process.returncode == 130 and b"Traceback" not in err, err
+    assert events[-1]["final"] and events[-1]["start"] == 0 and events[-1]["end"] == 3.0, events
