@@ -21,9 +21,11 @@ traces each new shape), the peak memory, and a third pass that waits after each 
 
 --word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypotheses on the
 batch's BPE CTC logits): stages `word_timestamps` (their log-softmax columns, on the device) and
-`alignment` (ctc_align and words, on the host, while the device runs the next batch) in
+`alignment` (ctc_align and words, on the host: in transcribe_stream a thread beside the rest) in
 stages_ms, at batch 1 the median of passes with them (`median_ms_word_timestamps`, taking turns
 with the others), and throughput rows with them.
+
+Live (--live S): g.transcribe_live over S s of audio fed at real-time pace (see live()).
 """
 
 import argparse
@@ -114,7 +116,7 @@ def measure(runs, reps):
 
 STAGES = {"stft_input": "prepare", "encode_batch": "encode", "edit_pass": "edit"}
 STAGES.update(token_log_probs="word_timestamps", word_times="alignment")
-THREADS = ("prepare",)  # transcribe_stream prepares the next batches in a thread
+THREADS = ("prepare", "alignment")  # transcribe_stream's stages run in threads beside the rest
 
 
 class FixedEditor:
