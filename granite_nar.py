@@ -1788,6 +1788,7 @@ EXAMPLES = """examples:
   python granite_nar.py meeting.mp3 --model granite_nar_mlx
   python granite_nar.py calls/ --output-format json --output-dir out/
   ffmpeg -i talk.m4a -f wav - | python granite_nar.py -
+  ffmpeg -f alsa -i default -ac 1 -ar 16000 -f wav - | python granite_nar.py - --live
 
 Reads WAV, FLAC, OGG/Opus, MP3, AIFF, ... (what libsndfile reads; - is standard input) at any
 rate and channel count. Audio longer than --chunk-seconds is read as it goes and transcribed in
