@@ -39,6 +39,7 @@ import threading
 import time
 import unicodedata
 import warnings
+from collections import Counter
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -1475,11 +1476,12 @@ def finish_batch(model, tokenizer, n, encoded, edited, word_timestamps):
         return texts, words
     tokens, slots, log_probs = edited
     final = collapse_rows(tokens, slots, model.args.blank_token_id)
+    for i, ids in zip(encoded.live, final):
+        texts[i] = tokenizer.decode(ids)
     if word_timestamps:
         timed = word_times(model, tokenizer, log_probs, tokens, encoded.frames, final)
-    for k, (i, ids) in enumerate(zip(encoded.live, final)):
-        texts[i] = tokenizer.decode(ids)
-        words[i] = timed[k] if word_timestamps else None
+        for i, window in zip(encoded.live, timed):
+            words[i] = window
     return texts, words
 
 
@@ -1648,7 +1650,7 @@ def transcribe_stream(
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
     try:
-        current, handed = next(queued, None), 0
+        current, handed = next(queued, None), False
         while current:
             batch, encoded = current
             edited = edit_batch(model, encoded, editing_steps, word_timestamps)  # last pass queued
@@ -1656,12 +1658,11 @@ def transcribe_stream(
             handoff.put((batch, encoded, edited))
             if handed:  # the batch before, finished while this one's hypotheses were awaited
                 yield from next(finished)
-            handed = 1
-        if handed:
-            handoff.put(None)
+            handed = True
+        if handed:  # the last batch
             yield from next(finished)
     finally:
-        handoff.put(None)
+        handoff.put(None)  # the finishing thread ends
 
 
 def join_windows(texts):
@@ -1943,10 +1944,10 @@ def _output_paths(inputs, output_dir, suffix):
     return [output_dir / p.parent / (p.name + suffix) for p in relative]
 
 
-def _inputs(args, ranks):
+def _inputs(args, group):
     """The inputs, their outputs and the count of failures so far; notes printed by rank 0,
     a directory given has its files, and with --skip-existing those whose outputs exist go."""
-    if ranks > 1 and "-" in args.audio:
+    if group.size() > 1 and "-" in args.audio:
         sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
     inputs, messages = _expand(args.audio, args.pcm_rate)
     outputs = _output_paths(inputs, args.output_dir, SUFFIXES[args.output_format])
@@ -1956,7 +1957,7 @@ def _inputs(args, ranks):
         if len(keep) < len(inputs):
             messages.append(f"note: {len(inputs) - len(keep)} file(s) skipped: their outputs exist")
         inputs, outputs = [inputs[i] for i in keep], [outputs[i] for i in keep]
-    for message in messages if _group().rank() == 0 else []:
+    for message in messages if group.rank() == 0 else []:
         print(message, file=sys.stderr)
     return inputs, outputs, sum(m.startswith("error") for m in messages)
 
@@ -1964,7 +1965,7 @@ def _inputs(args, ranks):
 def _check_outputs(args, inputs, outputs):
     """Exit 2 when outputs would mix: subtitles of several inputs on standard output, or two
     inputs written to one file."""
-    shared = [path for path in set(outputs) if path and outputs.count(path) > 1]
+    shared = [path for path, n in Counter(outputs).items() if path and n > 1]
     if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
         problem = f"{args.output_format} of several inputs needs --output-dir"
     elif shared:
@@ -2042,7 +2043,7 @@ def main():
     if args.live:
         return _live(*_load_model(args), args)
     group = _group()  # under mlx.launch: several ranks, each with its share
-    inputs, outputs, failed = _inputs(args, group.size())
+    inputs, outputs, failed = _inputs(args, group)
     model, tokenizer = _load_model(args)
     mine = _shard(inputs, group.size(), group.rank())
     header = "\t".join(COLUMNS) + "\n" if args.output_format == "tsv" else ""

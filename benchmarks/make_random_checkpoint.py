@@ -28,49 +28,30 @@ import mlx.core as mx
 
 DEV = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "dev" / "checkpoint"
 
-SIZES = {  # full: Granite Speech 4.1 2B NAR; small: the dev fixture's sizes
-    "full": dict(
-        L=16,
-        D=1024,
-        heads=8,
-        dim_head=128,
-        C=348,
-        context=200,
-        max_pos=512,
-        s=8,
-        V=100352,
-        blank=100257,
-        H=2048,
-        q_heads=32,
-        llm=2048,
-        e_layers=40,
-        e_heads=16,
-        kv_heads=4,
-        inter=4096,
-        attn_mult=0.0078125,
-        layer_idx=[4, 8, 12, -1],
-    ),
-    "small": dict(
-        L=4,
-        D=64,
-        heads=4,
-        dim_head=16,
-        C=12,
-        context=50,
-        max_pos=64,
-        s=2,
-        V=357,
-        blank=353,
-        H=128,
-        q_heads=4,
-        llm=96,
-        e_layers=2,
-        e_heads=4,
-        kv_heads=2,
-        inter=192,
-        attn_mult=0.0625,
-        layer_idx=[1, 2, 3, -1],
-    ),
+# Each size: (name, full: Granite Speech 4.1 2B NAR, small: the dev fixture's)
+SIZE_TABLE = [
+    ("L", 16, 4),
+    ("D", 1024, 64),
+    ("heads", 8, 4),
+    ("dim_head", 128, 16),
+    ("C", 348, 12),
+    ("context", 200, 50),
+    ("max_pos", 512, 64),
+    ("s", 8, 2),
+    ("V", 100352, 357),
+    ("blank", 100257, 353),
+    ("H", 2048, 128),
+    ("q_heads", 32, 4),
+    ("llm", 2048, 96),
+    ("e_layers", 40, 2),
+    ("e_heads", 16, 4),
+    ("kv_heads", 4, 2),
+    ("inter", 4096, 192),
+    ("attn_mult", 0.0078125, 0.0625),
+    ("layer_idx", [4, 8, 12, -1], [1, 2, 3, -1]),
+]
+SIZES = {
+    kind: {name: row[k] for name, *row in SIZE_TABLE} for k, kind in enumerate(["full", "small"])
 }
 
 
