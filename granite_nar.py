@@ -941,13 +941,12 @@ def read_config(path):
 
 def read_weights(path):
     """Every tensor of a model directory: model.safetensors, or shards (with an index or not)."""
-    path, index = Path(path), Path(path) / "model.safetensors.index.json"
-    try:
-        files = index.is_file() and sorted(
-            set(json.loads(index.read_text())["weight_map"].values())
-        )
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({e})") from None
+    path, index, files = Path(path), Path(path) / "model.safetensors.index.json", []
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
     files = files or sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors weights")
@@ -1007,43 +1006,38 @@ def model_path(path_or_repo, files=HUB_FILES):
         ) from None
 
 
-def default_dtype():
-    """float32 on a CPU (MLX's CPU half-precision matmuls are slow), bfloat16 on a GPU."""
-    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-
-
 def load(path, dtype=None, dequantize=None):
     """A model directory or Hub repo id (a convert.py output, an upstream checkpoint in either
     layout, an mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in dtype (default:
-    default_dtype()). With `dequantize` (default: where MLX's quantized matmuls are slower than
-    dense ones, on a CPU or an NVIDIA GPU) a quantized editor is dequantized to dtype at load,
-    computing exactly what its layers would."""
+    float32 on a CPU, bfloat16 on a GPU). With `dequantize` (default: where MLX's quantized
+    matmuls are slower than dense ones, on a CPU or an NVIDIA GPU) a quantized editor is
+    dequantized to dtype at load, computing exactly what its layers would."""
     path = model_path(path)
     config, model, weights = read_checkpoint(path)
-    q, dtype = config.get("quantization"), dtype or default_dtype()
+    q, on_cpu = config.get("quantization"), mx.default_device() == mx.cpu
+    dtype = dtype or (mx.float32 if on_cpu else mx.bfloat16)  # MLX's CPU half matmuls are slow
     if bool(q) != any(k.endswith(".scales") for k in weights):
         found = "unquantized" if q else "quantized"
         raise ValueError(f"{path}: config.json's quantization is {q}, but the tensors are {found}")
     if dequantize is None:  # Apple GPUs are where quantized matmuls pay
-        dequantize = mx.default_device() == mx.cpu or mx.cuda.is_available()
-    if q and dequantize:
-        for name in [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]:
-            s, b = (weights.pop(f"{name}.{p}", None) for p in ("scales", "biases"))
-            s, b = s.astype(dtype), b if b is None else b.astype(dtype)  # in dtype, as a layer
-            weight = weights.pop(f"{name}.weight")
-            mode = q.get("mode", "affine")
-            weights[f"{name}.weight"] = mx.dequantize(
-                weight, s, b, q["group_size"], q["bits"], mode=mode
+        dequantize = on_cpu or mx.cuda.is_available()
+    if q:
+        quant = dict(group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
+        if dequantize:
+            for name in [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]:
+                w, s = weights.pop(f"{name}.weight"), weights.pop(f"{name}.scales")
+                b = weights.pop(f"{name}.biases", None)  # scales and biases in dtype, as a layer
+                b = b if b is None else b.astype(dtype)
+                w = mx.dequantize(w, s.astype(dtype), b, **quant)
+                weights[f"{name}.weight"] = w
+                mx.eval(w)
+            warnings.warn(
+                f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's quantized "
+                "matmuls are slower here; load(..., dequantize=False) keeps them)"
             )
-            mx.eval(weights[f"{name}.weight"])
-        warnings.warn(
-            f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's quantized "
-            "matmuls are slower here; load(..., dequantize=False) keeps them)"
-        )
-    elif q:  # rebuild exactly the layers stored quantized
-        stored = lambda path, module: f"{path}.scales" in weights
-        mode = q.get("mode", "affine")
-        nn.quantize(model, q["group_size"], q["bits"], mode=mode, class_predicate=stored)
+        else:  # rebuild exactly the layers stored quantized
+            stored = lambda path, module: f"{path}.scales" in weights
+            nn.quantize(model, **quant, class_predicate=stored)
     check_weights(model, weights)
     for key, value in weights.items():  # one tensor at a time: no second copy of the model
         if mx.issubdtype(value.dtype, mx.floating):
