@@ -1090,6 +1090,14 @@ def wav_header(f, name):
     return rate, channels, WAV_SAMPLES[tag, bits], None if size in UNKNOWN_LENGTH else size
 
 
+def _pcm_to_float(x):
+    """Integer PCM samples as libsndfile scales them: int16 / 2^15, (uint8 - 128) / 2^7, ..."""
+    if x.dtype.kind not in "iu":
+        return x
+    full = 2.0 ** (8 * x.dtype.itemsize - 1)
+    return (x - full if x.dtype.kind == "u" else x) / full
+
+
 class PcmStream:
     """Samples read front to back from a file object, never seeking: standard input as it
     arrives (a WAV stream after wav_header, or headerless PCM), to the end or `size` bytes.
@@ -1110,8 +1118,7 @@ class PcmStream:
             self.f.close()
 
     def read(self, frames, dtype="float32", always_2d=True):
-        """Up to `frames` frames, fewer only at the end: float32 (n, channels), scaled as
-        libsndfile scales PCM (int16 / 2^15, 24-bit and int32 / 2^31, (uint8 - 128) / 2^7)."""
+        """Up to `frames` frames, fewer only at the end: float32 (n, channels)."""
         frame_bytes = self.dtype.itemsize * self.channels
         n = frames * frame_bytes if self.left is None else min(frames * frame_bytes, self.left)
         data = self.f.read(n)
@@ -1119,13 +1126,10 @@ class PcmStream:
         self.left = None if self.left is None else self.left - len(data)
         if self.dtype.itemsize == 3:  # 24-bit: the 3 bytes as an int32's top three
             b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.uint32)
-            x = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24).view(np.int32)
+            x = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24).view(np.int32)  # / 2^31
         else:
             x = np.frombuffer(data, self.dtype)
-        if x.dtype.kind in "iu":
-            full = np.float32(2.0 ** (8 * min(x.dtype.itemsize, 4) - 1))
-            x = (x.astype(np.float32) - (full if x.dtype.kind == "u" else 0)) / full
-        return x.astype(np.float32).reshape(-1, self.channels)
+        return _pcm_to_float(x).astype(np.float32).reshape(-1, self.channels)
 
 
 def _open_audio(audio):
@@ -1179,9 +1183,7 @@ def _array_audio(audio, sample_rate):
             f"expected a file path, a file object or a waveform array (n_samples,), "
             f"got {type(audio).__name__}"
         )
-    if x.dtype.kind in "iu":  # PCM as a file's samples are: int16 / 32768, (uint8 - 128) / 128
-        full = 2.0 ** (8 * x.dtype.itemsize - 1)
-        x = (x - full if x.dtype.kind == "u" else x) / full
+    x = _pcm_to_float(x)
     if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] > x.shape[0]):
         raise ValueError(
             f"expected a mono waveform (n_samples,) or (n_samples, channels), got shape {x.shape}"
@@ -1196,22 +1198,6 @@ def _array_audio(audio, sample_rate):
         raise ValueError(f"waveform has NaN or infinite samples at {at:.2f} s")
     mono = (x.mean(axis=1) if x.ndim == 2 else x).astype(np.float32)
     return soxr.resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono
-
-
-def _read_block(f, frames, n_read, name):
-    """The next `frames` frames of an open file (fewer at its end), checked: float32 (n, ch)."""
-    rate = f.samplerate
-    try:
-        block = f.read(frames, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
-    except (sf.LibsndfileError, OSError) as e:
-        reason = getattr(e, "error_string", None) or e.strerror or e
-        raise ValueError(f"{name}: unreadable after {n_read / rate:.1f} s ({reason})") from None
-    if not np.isfinite(block).all():
-        at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
-        raise ValueError(f"{name}: NaN or infinite samples at {at:.2f} s")
-    if n_read == len(block) == 0:
-        raise ValueError(f"{name}: audio is empty (0 samples in a {f.format} file)")
-    return block
 
 
 def _audio_blocks(audio, sample_rate=None, block_seconds=READ_SECONDS):
@@ -1229,7 +1215,18 @@ def _audio_blocks(audio, sample_rate=None, block_seconds=READ_SECONDS):
             resample = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32").resample_chunk
         n_read, size, block = 0, max(1, round(block_seconds * rate)), None
         while block is None or len(block) == size:  # a short block is the last
-            block = _read_block(f, size, n_read, name)
+            try:
+                block = f.read(size, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
+            except (sf.LibsndfileError, OSError) as e:
+                reason = getattr(e, "error_string", None) or e.strerror or e
+                raise ValueError(
+                    f"{name}: unreadable after {n_read / rate:.1f} s ({reason})"
+                ) from None
+            if not np.isfinite(block).all():
+                at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
+                raise ValueError(f"{name}: NaN or infinite samples at {at:.2f} s")
+            if n_read == len(block) == 0:
+                raise ValueError(f"{name}: audio is empty (0 samples in a {f.format} file)")
             n_read += len(block)
             mono = block.mean(axis=1)
             yield resample(mono, len(block) < size) if resample else mono
