@@ -1715,14 +1715,6 @@ class Event:
     elapsed: float = 0.0  # seconds its pass took
 
 
-def _map_large_buffers():
-    """Have glibc map buffers of 64 KB or more, and unmap them when freed: by default it takes
-    them from its heap once one was freed, where hours of windows of every size fragment it and
-    the process grows."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-
-
 def _live_event(model, tokenizer, samples, start, final, editing_steps, word_timestamps):
     """One pass over a window's samples (its first at sample `start` of the stream) -> Event:
     transcribe_waveforms([samples]), padded to LIVE_STEPS."""
@@ -1751,7 +1743,10 @@ def transcribe_live(
     skipped when more audio is waiting already. The end of blocks, an error reading them or
     Ctrl-C (KeyboardInterrupt) closes the open window, then the error goes on."""
     check_options(model.args, 1, chunk_seconds, editing_steps, update_seconds=update_seconds)
-    _map_large_buffers()
+    # glibc's M_MMAP_THRESHOLD: buffers of 64 KB or more mapped and unmapped when freed, not
+    # taken from its heap, which hours of windows of every size fragment (the process grows)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).mallopt(-3, 65536)
     step, source = round(update_seconds * SAMPLE_RATE), Prefetch(blocks, size=64)
     options = editing_steps, word_timestamps
     buffer, start, shown = np.zeros(0, np.float32), 0, 0  # the open window; samples of its partial
@@ -2067,69 +2062,49 @@ def main():
 
 
 def _live(model, tokenizer, args):
-    """--live: one input transcribed as it arrives, its events printed as they come
-    (LiveOutput). Returns the exit status; Ctrl-C prints the open window first."""
+    """--live: one input transcribed as it arrives, each event printed as it comes: json, every
+    event as a line; srt and vtt, a final's cues as its window closes; text on a terminal, the
+    open window rewritten in place and each final as a line; text to a pipe, finals only. Says
+    once when this machine is slower than real time. Returns the exit status."""
     source = _stdin(args.pcm_rate) if args.audio[0] == "-" else Path(args.audio[0])
     timed = args.word_timestamps or args.output_format in ("srt", "vtt")
     blocks = _audio_blocks(source, block_seconds=LIVE_READ_SECONDS)
     options = args.chunk_seconds, args.update_seconds, args.editing_steps, timed
-    output = LiveOutput(args)
+    width, count, vtt = args.max_line_width, args.max_line_count, args.output_format == "vtt"
+    segments, cues = [], ""  # srt, vtt: every final's segments, and their cues as printed
+    tty, slow = sys.stdout.isatty(), False
     try:
-        for event in transcribe_live(model, tokenizer, blocks, *options):
-            output.show(event)
+        for n, event in enumerate(transcribe_live(model, tokenizer, blocks, *options)):
+            text, seconds = event.text.strip(), event.end - event.start
+            if args.output_format == "json":
+                record = {"start": round(event.start, 3), "end": round(event.end, 3)}
+                record.update(text=event.text, final=event.final)
+                if args.word_timestamps:
+                    record["words"] = event.words
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            elif args.output_format in ("srt", "vtt") and event.final:
+                segments += split_segments(event.words, width, count)
+                printed, cues = len(cues), subtitles(segments, vtt, width, count)
+                print(cues[printed:], end="", flush=True)  # numbered on from the last
+            elif tty:  # \r: back to the line's start; \x1b[K: clear it
+                columns = shutil.get_terminal_size().columns - 1
+                text = text if event.final else text[-columns:]
+                print(f"\r\x1b[K{text}", end="\n" if event.final else "", flush=True)
+            elif event.final and text:
+                print(text, flush=True)
+            if n > 0 and event.elapsed > seconds and not slow:  # the first pass also compiles
+                slow = True
+                print(
+                    f"warning: this machine transcribes at {seconds / event.elapsed:.2f}x real "
+                    "time: finals will come late (nothing is dropped)",
+                    file=sys.stderr,
+                )
     except BrokenPipeError:  # stdout closed (| head): as anywhere else
         raise
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-class LiveOutput:
-    """Prints transcribe_live's events: text on a terminal, the open window's partial text
-    rewritten in place on one line and each final as a line; text to a pipe, finals only; json,
-    every event as a line; srt and vtt, the cues of each final as its window closes. Says once
-    when this machine is slower than real time."""
-
-    def __init__(self, args):
-        self.args, self.tty, self.slow, self.passes = args, sys.stdout.isatty(), False, 0
-        self.segments, self.printed = [], ""  # srt, vtt: every final's, and what was printed
-
-    def show(self, event):
-        if self.args.output_format == "json":
-            print(self.json(event), flush=True)
-        elif self.args.output_format in ("srt", "vtt") and event.final:
-            print(self.new_cues(event), end="", flush=True)
-        elif self.tty:  # \r: back to the line's start; \x1b[K: clear it
-            width = shutil.get_terminal_size().columns - 1
-            text = event.text.strip() if event.final else event.text.strip()[-width:]
-            print(f"\r\x1b[K{text}", end="\n" if event.final else "", flush=True)
-        elif event.final and event.text.strip():
-            print(event.text.strip(), flush=True)
-        self.passes += 1  # the first pass also compiles: it says nothing of the speed
-        if self.passes > 1 and event.elapsed > event.end - event.start and not self.slow:
-            speed = (event.end - event.start) / event.elapsed
-            print(
-                f"warning: this machine transcribes at {speed:.2f}x real time: "
-                "finals will come late (nothing is dropped)",
-                file=sys.stderr,
-            )
-            self.slow = True
-
-    def json(self, event):
-        record = {"start": round(event.start, 3), "end": round(event.end, 3)}
-        record.update(text=event.text, final=event.final)
-        if self.args.word_timestamps:
-            record["words"] = event.words
-        return json.dumps(record, ensure_ascii=False)
-
-    def new_cues(self, event):
-        """The cues of a final's words (numbered on from the last), as subtitles writes them."""
-        width, count = self.args.max_line_width, self.args.max_line_count
-        self.segments += split_segments(event.words, width, count)
-        cues = subtitles(self.segments, self.args.output_format == "vtt", width, count)
-        new, self.printed = cues[len(self.printed) :], cues
-        return new
 
 
 def _group():
