@@ -1829,6 +1829,7 @@ def _parse_args():
     add("--version", action="version", version=f"granite_nar {__version__}")
     args = parser.parse_args()
     args.output_format = "text" if args.output_format == "txt" else args.output_format
+    args.word_timestamps |= args.output_format in ("srt", "vtt")  # subtitles are timed words
     _check_args(parser, args)
     return args
 
@@ -1932,12 +1933,22 @@ def _output_paths(inputs, output_dir, suffix):
 
 def _inputs(args, group):
     """The inputs, their outputs and the count of failures so far; notes printed by rank 0,
-    a directory given has its files, and with --skip-existing those whose outputs exist go."""
+    a directory given has its files, and with --skip-existing those whose outputs exist go.
+    Exits 2 when outputs would mix (subtitles of several inputs on stdout, two inputs to a file)."""
     if group.size() > 1 and "-" in args.audio:
         sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
     inputs, messages = _expand(args.audio, args.pcm_rate)
     outputs = _output_paths(inputs, args.output_dir, SUFFIXES[args.output_format])
-    _check_outputs(args, inputs, outputs)
+    shared = [path for path, n in Counter(outputs).items() if path and n > 1]
+    if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
+        print(f"error: {args.output_format} of several inputs needs --output-dir", file=sys.stderr)
+        sys.exit(2)
+    if shared:
+        print(
+            f"error: two inputs would write {shared[0]}: give them in separate runs",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if args.skip_existing:  # a stopped run resumes: done files keep their outputs
         keep = [i for i, path in enumerate(outputs) if not path.exists()]
         if len(keep) < len(inputs):
@@ -1948,29 +1959,14 @@ def _inputs(args, group):
     return inputs, outputs, sum(m.startswith("error") for m in messages)
 
 
-def _check_outputs(args, inputs, outputs):
-    """Exit 2 when outputs would mix: subtitles of several inputs on standard output, or two
-    inputs written to one file."""
-    shared = [path for path, n in Counter(outputs).items() if path and n > 1]
-    if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
-        problem = f"{args.output_format} of several inputs needs --output-dir"
-    elif shared:
-        problem = f"two inputs would write {shared[0]}: give them in separate runs"
-    else:
-        return
-    print(f"error: {problem}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _records(model, tokenizer, inputs, args):
     """(index, record) per input in input order, each as soon as it and the inputs before it
     are done (all are transcribed together, in batches); a record is a dict, or the error that
     stopped its input. Progress of files longer than a window goes to stderr."""
     windows, n_out, tty = [[] for _ in inputs], 0, sys.stderr.isatty()
     names, durations = [audio_name(x) for x in inputs], [duration(x) for x in inputs]
-    timed = args.word_timestamps or args.output_format in ("srt", "vtt")
-    options = args.batch_size, args.chunk_seconds, args.editing_steps, timed, args.batch_seconds
-    for w in transcribe_stream(model, tokenizer, inputs, None, *options):
+    options = args.batch_size, args.chunk_seconds, args.editing_steps, args.word_timestamps
+    for w in transcribe_stream(model, tokenizer, inputs, None, *options, args.batch_seconds):
         windows[w.index].append(w)
         if not args.quiet and durations[w.index] > args.chunk_seconds and not w.error:
             done = f"{names[w.index]}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
@@ -2067,9 +2063,8 @@ def _live(model, tokenizer, args):
     open window rewritten in place and each final as a line; text to a pipe, finals only. Says
     once when this machine is slower than real time. Returns the exit status."""
     source = _stdin(args.pcm_rate) if args.audio[0] == "-" else Path(args.audio[0])
-    timed = args.word_timestamps or args.output_format in ("srt", "vtt")
     blocks = _audio_blocks(source, block_seconds=LIVE_READ_SECONDS)
-    options = args.chunk_seconds, args.update_seconds, args.editing_steps, timed
+    options = args.chunk_seconds, args.update_seconds, args.editing_steps, args.word_timestamps
     width, count, vtt = args.max_line_width, args.max_line_count, args.output_format == "vtt"
     segments, cues = [], ""  # srt, vtt: every final's segments, and their cues as printed
     tty, slow = sys.stdout.isatty(), False
