@@ -1889,18 +1889,15 @@ def _load_model(args):
     return model, tokenizer
 
 
-def _stdin(pcm_rate):
-    """Standard input, read as it arrives: any audio file, or headerless 16-bit PCM."""
-    return sys.stdin.buffer if pcm_rate is None else PcmStream(sys.stdin.buffer, pcm_rate)
-
-
-def _expand(names, pcm_rate=None):
+def _expand(names, pcm_rate):
     """CLI arguments -> (inputs: paths, or standard input for -; notes and errors to print)."""
     inputs, messages = [], []
     for name in names:
         path = Path(name)
-        if name == "-":
-            inputs.append(_stdin(pcm_rate))
+        if name == "-" and pcm_rate is None:  # read as it arrives, whatever the audio format
+            inputs.append(sys.stdin.buffer)
+        elif name == "-":
+            inputs.append(PcmStream(sys.stdin.buffer, pcm_rate))  # headerless 16-bit PCM
         elif path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav files)
             files = sorted(p for p in path.iterdir() if p.is_file() and p.name[0] != ".")
             audio = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
@@ -2062,7 +2059,7 @@ def _live(model, tokenizer, args):
     event as a line; srt and vtt, a final's cues as its window closes; text on a terminal, the
     open window rewritten in place and each final as a line; text to a pipe, finals only. Says
     once when this machine is slower than real time. Returns the exit status."""
-    source = _stdin(args.pcm_rate) if args.audio[0] == "-" else Path(args.audio[0])
+    [source], _ = _expand(args.audio, args.pcm_rate)  # a file or - (_check_args)
     blocks = _audio_blocks(source, block_seconds=LIVE_READ_SECONDS)
     options = args.chunk_seconds, args.update_seconds, args.editing_steps, args.word_timestamps
     width, count, vtt = args.max_line_width, args.max_line_count, args.output_format == "vtt"
