@@ -858,8 +858,8 @@ def from_native(config):
     The native one lists cat_hidden_layers (the last layer always follows), has no
     min_edit_sequence_length (IBM's is 8), and its projector is as wide as the editor."""
     encoder = config.get("encoder_config") or {}
-    native_keys = {"vocabulary_size", "pooling_window"} & set(encoder)
-    if "encoder_layer_indices" in config or not native_keys:
+    native = {"vocabulary_size", "pooling_window"} & set(encoder)
+    if "encoder_layer_indices" in config or not native:
         return None
     config = dict(config)
     for section, names in NATIVE_KEYS.items():
@@ -2046,11 +2046,8 @@ def main():
         failed = _print_in_order(group, lines if shown else {}, named, failed)
     if args.verbose:
         total = time.perf_counter() - start
-        print(
-            f"{len(mine)} file(s), {seconds:.1f} s of audio in {total:.2f} s "
-            f"({seconds / total:.1f}x real time)",
-            file=sys.stderr,
-        )
+        summary = f"{len(mine)} file(s), {seconds:.1f} s of audio in {total:.2f} s"
+        print(f"{summary} ({seconds / total:.1f}x real time)", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -2121,25 +2118,21 @@ def _shard(inputs, size, rank):
 
 
 def _print_in_order(group, lines, named, failed):
-    """Rank 0 prints every rank's lines {input index: text}, in input order; returns the
-    failures of all ranks on rank 0 (mlx.launch stops the others when a rank exits non-zero)."""
-    gathered = [json.loads(text) for text in _gather_text(group, json.dumps(lines))]
-    every = {int(i): line for part in gathered for i, line in part.items()}
+    """Rank 0 prints every rank's lines {input index: text}, in input order (gathered as UTF-8
+    JSON through mx.distributed); returns the failures of all ranks on rank 0 (mlx.launch stops
+    the others when a rank exits non-zero)."""
+    data = np.frombuffer(json.dumps(lines).encode(), np.uint8)
+    sizes = mx.distributed.all_gather(mx.array([len(data)]), group=group, stream=mx.cpu).tolist()
+    padded = np.zeros(max(sizes), np.uint8)
+    padded[: len(data)] = data
+    rows = np.array(mx.distributed.all_gather(mx.array(padded), group=group, stream=mx.cpu))
+    parts = [json.loads(bytes(row[:n])) for row, n in zip(rows.reshape(len(sizes), -1), sizes)]
+    every = {int(i): line for part in parts for i, line in part.items()}
     if group.rank() == 0:
         blocks = [every[i] + "\n" for i in sorted(every)]
         print(("\n" if named else "").join(blocks), end="", flush=True)
     failed = int(mx.distributed.all_sum(mx.array(failed), group=group, stream=mx.cpu).item())
     return failed if group.rank() == 0 else 0
-
-
-def _gather_text(group, text):
-    """Each rank's text -> every rank's, in rank order (UTF-8 bytes through mx.distributed)."""
-    data = np.frombuffer(text.encode(), np.uint8)
-    sizes = mx.distributed.all_gather(mx.array([len(data)]), group=group, stream=mx.cpu).tolist()
-    padded = np.zeros(max(sizes), np.uint8)
-    padded[: len(data)] = data
-    rows = np.array(mx.distributed.all_gather(mx.array(padded), group=group, stream=mx.cpu))
-    return [bytes(row[:n]).decode() for row, n in zip(rows.reshape(len(sizes), -1), sizes)]
 
 
 def _exit_now(status):
