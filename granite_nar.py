@@ -1103,10 +1103,10 @@ class PcmStream:
     arrives (a WAV stream after wav_header, or headerless PCM), to the end or `size` bytes.
     Reads like a soundfile.SoundFile: samplerate, read(frames) -> float32 (frames, channels)."""
 
-    format = "PCM"
+    format, name = "PCM", "-"  # as a SoundFile's: messages name it (audio_name)
 
-    def __init__(self, f, samplerate, channels=1, dtype="<i2", size=None, name="-", close=False):
-        self.f, self.name, self.close = f, name, close
+    def __init__(self, f, samplerate, channels=1, dtype="<i2", size=None, close=False):
+        self.f, self.close = f, close
         self.samplerate, self.channels, self.dtype = samplerate, channels, np.dtype(dtype)
         self.left = size  # bytes of samples yet to read (None: to the end)
 
@@ -1156,7 +1156,7 @@ def _open_audio(audio):
                 raise
             header = None  # libsndfile reads more formats
         if header and (not seekable or header[3] is None):
-            return PcmStream(f, *header, name=name, close=not is_file)
+            return PcmStream(f, *header, close=not is_file)
     if seekable:
         f.seek(start)
     source = f if seekable else io.BytesIO(head + f.read())  # other formats seek
