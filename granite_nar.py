@@ -1091,7 +1091,7 @@ def wav_header(f, name):
 
 
 def _pcm_to_float(x):
-    """Integer PCM samples as libsndfile scales them: int16 / 2^15, (uint8 - 128) / 2^7, ..."""
+    """Integer PCM as libsndfile scales it: int16 / 2^15, int32 / 2^31, (uint8 - 128) / 2^7."""
     if x.dtype.kind not in "iu":
         return x
     full = 2.0 ** (8 * x.dtype.itemsize - 1)
@@ -1126,7 +1126,7 @@ class PcmStream:
         self.left = None if self.left is None else self.left - len(data)
         if self.dtype.itemsize == 3:  # 24-bit: the 3 bytes as an int32's top three
             b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.uint32)
-            x = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24).view(np.int32)  # / 2^31
+            x = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24).view(np.int32)
         else:
             x = np.frombuffer(data, self.dtype)
         return _pcm_to_float(x).astype(np.float32).reshape(-1, self.channels)
