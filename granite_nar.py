@@ -869,8 +869,8 @@ def from_native(config):
     The native one lists cat_hidden_layers (the last layer always follows), has no
     min_edit_sequence_length (IBM's is 8), and its projector is as wide as the editor."""
     encoder = config.get("encoder_config") or {}
-    native_keys = {"vocabulary_size", "pooling_window"} & set(encoder)
-    if "encoder_layer_indices" in config or not native_keys:
+    native = {"vocabulary_size", "pooling_window"} & set(encoder)
+    if "encoder_layer_indices" in config or not native:
         return None
     config = dict(config)
     for section, names in NATIVE_KEYS.items():
@@ -952,13 +952,12 @@ def read_config(path):
 
 def read_weights(path):
     """Every tensor of a model directory: model.safetensors, or shards (with an index or not)."""
-    path, index = Path(path), Path(path) / "model.safetensors.index.json"
-    try:
-        files = index.is_file() and sorted(
-            set(json.loads(index.read_text())["weight_map"].values())
-        )
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({e})") from None
+    path, index, files = Path(path), Path(path) / "model.safetensors.index.json", []
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
     files = files or sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors weights")
@@ -1018,43 +1017,38 @@ def model_path(path_or_repo, files=HUB_FILES):
         ) from None
 
 
-def default_dtype():
-    """float32 on a CPU (MLX's CPU half-precision matmuls are slow), bfloat16 on a GPU."""
-    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-
-
 def load(path, dtype=None, dequantize=None):
     """A model directory or Hub repo id (a convert.py output, an upstream checkpoint in either
     layout, an mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in dtype (default:
-    default_dtype()). With `dequantize` (default: where MLX's quantized matmuls are slower than
-    dense ones, on a CPU or an NVIDIA GPU) a quantized editor is dequantized to dtype at load,
-    computing exactly what its layers would."""
+    float32 on a CPU, bfloat16 on a GPU). With `dequantize` (default: where MLX's quantized
+    matmuls are slower than dense ones, on a CPU or an NVIDIA GPU) a quantized editor is
+    dequantized to dtype at load, computing exactly what its layers would."""
     path = model_path(path)
     config, model, weights = read_checkpoint(path)
-    q, dtype = config.get("quantization"), dtype or default_dtype()
+    q, on_cpu = config.get("quantization"), mx.default_device() == mx.cpu
+    dtype = dtype or (mx.float32 if on_cpu else mx.bfloat16)  # MLX's CPU half matmuls are slow
     if bool(q) != any(k.endswith(".scales") for k in weights):
         found = "unquantized" if q else "quantized"
         raise ValueError(f"{path}: config.json's quantization is {q}, but the tensors are {found}")
     if dequantize is None:  # Apple GPUs are where quantized matmuls pay
-        dequantize = mx.default_device() == mx.cpu or mx.cuda.is_available()
-    if q and dequantize:
-        for name in [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]:
-            s, b = (weights.pop(f"{name}.{p}", None) for p in ("scales", "biases"))
-            s, b = s.astype(dtype), b if b is None else b.astype(dtype)  # in dtype, as a layer
-            weight = weights.pop(f"{name}.weight")
-            mode = q.get("mode", "affine")
-            weights[f"{name}.weight"] = mx.dequantize(
-                weight, s, b, q["group_size"], q["bits"], mode=mode
+        dequantize = on_cpu or mx.cuda.is_available()
+    if q:
+        quant = dict(group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
+        if dequantize:
+            for name in [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]:
+                w, s = weights.pop(f"{name}.weight"), weights.pop(f"{name}.scales")
+                b = weights.pop(f"{name}.biases", None)  # scales and biases in dtype, as a layer
+                b = b if b is None else b.astype(dtype)
+                w = mx.dequantize(w, s.astype(dtype), b, **quant)
+                weights[f"{name}.weight"] = w
+                mx.eval(w)
+            warnings.warn(
+                f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's quantized "
+                "matmuls are slower here; load(..., dequantize=False) keeps them)"
             )
-            mx.eval(weights[f"{name}.weight"])
-        warnings.warn(
-            f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's quantized "
-            "matmuls are slower here; load(..., dequantize=False) keeps them)"
-        )
-    elif q:  # rebuild exactly the layers stored quantized
-        stored = lambda path, module: f"{path}.scales" in weights
-        mode = q.get("mode", "affine")
-        nn.quantize(model, q["group_size"], q["bits"], mode=mode, class_predicate=stored)
+        else:  # rebuild exactly the layers stored quantized
+            stored = lambda path, module: f"{path}.scales" in weights
+            nn.quantize(model, **quant, class_predicate=stored)
     check_weights(model, weights)
     for key, value in weights.items():  # one tensor at a time: no second copy of the model
         if mx.issubdtype(value.dtype, mx.floating):
@@ -1107,15 +1101,23 @@ def wav_header(f, name):
     return rate, channels, WAV_SAMPLES[tag, bits], None if size in UNKNOWN_LENGTH else size
 
 
+def _pcm_to_float(x):
+    """Integer PCM as libsndfile scales it: int16 / 2^15, int32 / 2^31, (uint8 - 128) / 2^7."""
+    if x.dtype.kind not in "iu":
+        return x
+    full = 2.0 ** (8 * x.dtype.itemsize - 1)
+    return (x - full if x.dtype.kind == "u" else x) / full
+
+
 class PcmStream:
     """Samples read front to back from a file object, never seeking: standard input as it
     arrives (a WAV stream after wav_header, or headerless PCM), to the end or `size` bytes.
     Reads like a soundfile.SoundFile: samplerate, read(frames) -> float32 (frames, channels)."""
 
-    format = "PCM"
+    format, name = "PCM", "-"  # as a SoundFile's: messages name it (audio_name)
 
-    def __init__(self, f, samplerate, channels=1, dtype="<i2", size=None, name="-", close=False):
-        self.f, self.name, self.close = f, name, close
+    def __init__(self, f, samplerate, channels=1, dtype="<i2", size=None, close=False):
+        self.f, self.close = f, close
         self.samplerate, self.channels, self.dtype = samplerate, channels, np.dtype(dtype)
         self.left = size  # bytes of samples yet to read (None: to the end)
 
@@ -1127,8 +1129,7 @@ class PcmStream:
             self.f.close()
 
     def read(self, frames, dtype="float32", always_2d=True):
-        """Up to `frames` frames, fewer only at the end: float32 (n, channels), scaled as
-        libsndfile scales PCM (int16 / 2^15, 24-bit and int32 / 2^31, (uint8 - 128) / 2^7)."""
+        """Up to `frames` frames, fewer only at the end: float32 (n, channels)."""
         frame_bytes = self.dtype.itemsize * self.channels
         n = frames * frame_bytes if self.left is None else min(frames * frame_bytes, self.left)
         data = self.f.read(n)
@@ -1139,10 +1140,7 @@ class PcmStream:
             x = (b[:, 0] << 8 | b[:, 1] << 16 | b[:, 2] << 24).view(np.int32)
         else:
             x = np.frombuffer(data, self.dtype)
-        if x.dtype.kind in "iu":
-            full = np.float32(2.0 ** (8 * min(x.dtype.itemsize, 4) - 1))
-            x = (x.astype(np.float32) - (full if x.dtype.kind == "u" else 0)) / full
-        return x.astype(np.float32).reshape(-1, self.channels)
+        return _pcm_to_float(x).astype(np.float32).reshape(-1, self.channels)
 
 
 def _open_audio(audio):
@@ -1169,7 +1167,7 @@ def _open_audio(audio):
                 raise
             header = None  # libsndfile reads more formats
         if header and (not seekable or header[3] is None):
-            return PcmStream(f, *header, name=name, close=not is_file)
+            return PcmStream(f, *header, close=not is_file)
     if seekable:
         f.seek(start)
     source = f if seekable else io.BytesIO(head + f.read())  # other formats seek
@@ -1196,9 +1194,7 @@ def _array_audio(audio, sample_rate):
             f"expected a file path, a file object or a waveform array (n_samples,), "
             f"got {type(audio).__name__}"
         )
-    if x.dtype.kind in "iu":  # PCM as a file's samples are: int16 / 32768, (uint8 - 128) / 128
-        full = 2.0 ** (8 * x.dtype.itemsize - 1)
-        x = (x - full if x.dtype.kind == "u" else x) / full
+    x = _pcm_to_float(x)
     if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] > x.shape[0]):
         raise ValueError(
             f"expected a mono waveform (n_samples,) or (n_samples, channels), got shape {x.shape}"
@@ -1213,22 +1209,6 @@ def _array_audio(audio, sample_rate):
         raise ValueError(f"waveform has NaN or infinite samples at {at:.2f} s")
     mono = (x.mean(axis=1) if x.ndim == 2 else x).astype(np.float32)
     return soxr.resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono
-
-
-def _read_block(f, frames, n_read, name):
-    """The next `frames` frames of an open file (fewer at its end), checked: float32 (n, ch)."""
-    rate = f.samplerate
-    try:
-        block = f.read(frames, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
-    except (sf.LibsndfileError, OSError) as e:
-        reason = getattr(e, "error_string", None) or e.strerror or e
-        raise ValueError(f"{name}: unreadable after {n_read / rate:.1f} s ({reason})") from None
-    if not np.isfinite(block).all():
-        at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
-        raise ValueError(f"{name}: NaN or infinite samples at {at:.2f} s")
-    if n_read == len(block) == 0:
-        raise ValueError(f"{name}: audio is empty (0 samples in a {f.format} file)")
-    return block
 
 
 def _audio_blocks(audio, sample_rate=None, block_seconds=READ_SECONDS):
@@ -1246,7 +1226,18 @@ def _audio_blocks(audio, sample_rate=None, block_seconds=READ_SECONDS):
             resample = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32").resample_chunk
         n_read, size, block = 0, max(1, round(block_seconds * rate)), None
         while block is None or len(block) == size:  # a short block is the last
-            block = _read_block(f, size, n_read, name)
+            try:
+                block = f.read(size, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
+            except (sf.LibsndfileError, OSError) as e:
+                reason = getattr(e, "error_string", None) or e.strerror or e
+                raise ValueError(
+                    f"{name}: unreadable after {n_read / rate:.1f} s ({reason})"
+                ) from None
+            if not np.isfinite(block).all():
+                at = (n_read + np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) / rate
+                raise ValueError(f"{name}: NaN or infinite samples at {at:.2f} s")
+            if n_read == len(block) == 0:
+                raise ValueError(f"{name}: audio is empty (0 samples in a {f.format} file)")
             n_read += len(block)
             mono = block.mean(axis=1)
             yield resample(mono, len(block) < size) if resample else mono
@@ -1735,14 +1726,6 @@ class Event:
     elapsed: float = 0.0  # seconds its pass took
 
 
-def _map_large_buffers():
-    """Have glibc map buffers of 64 KB or more, and unmap them when freed: by default it takes
-    them from its heap once one was freed, where hours of windows of every size fragment it and
-    the process grows."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-
-
 def _live_event(model, tokenizer, samples, start, final, editing_steps, word_timestamps):
     """One pass over a window's samples (its first at sample `start` of the stream) -> Event:
     transcribe_waveforms([samples]), padded to LIVE_STEPS."""
@@ -1771,7 +1754,10 @@ def transcribe_live(
     skipped when more audio is waiting already. The end of blocks, an error reading them or
     Ctrl-C (KeyboardInterrupt) closes the open window, then the error goes on."""
     check_options(model.args, 1, chunk_seconds, editing_steps, update_seconds=update_seconds)
-    _map_large_buffers()
+    # glibc's M_MMAP_THRESHOLD: buffers of 64 KB or more mapped and unmapped when freed, not
+    # taken from its heap, which hours of windows of every size fragment (the process grows)
+    if sys.platform == "linux":
+        ctypes.CDLL(None).mallopt(-3, 65536)
     step, source = round(update_seconds * SAMPLE_RATE), Prefetch(blocks, size=64)
     options = editing_steps, word_timestamps
     buffer, start, shown = np.zeros(0, np.float32), 0, 0  # the open window; samples of its partial
@@ -1854,6 +1840,7 @@ def _parse_args():
     add("--version", action="version", version=f"granite_nar {__version__}")
     args = parser.parse_args()
     args.output_format = "text" if args.output_format == "txt" else args.output_format
+    args.word_timestamps |= args.output_format in ("srt", "vtt")  # subtitles are timed words
     _check_args(parser, args)
     return args
 
@@ -1913,18 +1900,15 @@ def _load_model(args):
     return model, tokenizer
 
 
-def _stdin(pcm_rate):
-    """Standard input, read as it arrives: any audio file, or headerless 16-bit PCM."""
-    return sys.stdin.buffer if pcm_rate is None else PcmStream(sys.stdin.buffer, pcm_rate)
-
-
-def _expand(names, pcm_rate=None):
+def _expand(names, pcm_rate):
     """CLI arguments -> (inputs: paths, or standard input for -; notes and errors to print)."""
     inputs, messages = [], []
     for name in names:
         path = Path(name)
-        if name == "-":
-            inputs.append(_stdin(pcm_rate))
+        if name == "-" and pcm_rate is None:  # read as it arrives, whatever the audio format
+            inputs.append(sys.stdin.buffer)
+        elif name == "-":
+            inputs.append(PcmStream(sys.stdin.buffer, pcm_rate))  # headerless 16-bit PCM
         elif path.is_dir():  # its audio files, not hidden ones (macOS leaves ._name.wav files)
             files = sorted(p for p in path.iterdir() if p.is_file() and p.name[0] != ".")
             audio = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
@@ -1957,12 +1941,22 @@ def _output_paths(inputs, output_dir, suffix):
 
 def _inputs(args, group):
     """The inputs, their outputs and the count of failures so far; notes printed by rank 0,
-    a directory given has its files, and with --skip-existing those whose outputs exist go."""
+    a directory given has its files, and with --skip-existing those whose outputs exist go.
+    Exits 2 when outputs would mix (subtitles of several inputs on stdout, two inputs to a file)."""
     if group.size() > 1 and "-" in args.audio:
         sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
     inputs, messages = _expand(args.audio, args.pcm_rate)
     outputs = _output_paths(inputs, args.output_dir, SUFFIXES[args.output_format])
-    _check_outputs(args, inputs, outputs)
+    shared = [path for path, n in Counter(outputs).items() if path and n > 1]
+    if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
+        print(f"error: {args.output_format} of several inputs needs --output-dir", file=sys.stderr)
+        sys.exit(2)
+    if shared:
+        print(
+            f"error: two inputs would write {shared[0]}: give them in separate runs",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if args.skip_existing:  # a stopped run resumes: done files keep their outputs
         keep = [i for i, path in enumerate(outputs) if not path.exists()]
         if len(keep) < len(inputs):
@@ -1973,29 +1967,14 @@ def _inputs(args, group):
     return inputs, outputs, sum(m.startswith("error") for m in messages)
 
 
-def _check_outputs(args, inputs, outputs):
-    """Exit 2 when outputs would mix: subtitles of several inputs on standard output, or two
-    inputs written to one file."""
-    shared = [path for path, n in Counter(outputs).items() if path and n > 1]
-    if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
-        problem = f"{args.output_format} of several inputs needs --output-dir"
-    elif shared:
-        problem = f"two inputs would write {shared[0]}: give them in separate runs"
-    else:
-        return
-    print(f"error: {problem}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _records(model, tokenizer, inputs, args):
     """(index, record) per input in input order, each as soon as it and the inputs before it
     are done (all are transcribed together, in batches); a record is a dict, or the error that
     stopped its input. Progress of files longer than a window goes to stderr."""
     windows, n_out, tty = [[] for _ in inputs], 0, sys.stderr.isatty()
     names, durations = [audio_name(x) for x in inputs], [duration(x) for x in inputs]
-    timed = args.word_timestamps or args.output_format in ("srt", "vtt")
-    options = args.batch_size, args.chunk_seconds, args.editing_steps, timed, args.batch_seconds
-    for w in transcribe_stream(model, tokenizer, inputs, None, *options):
+    options = args.batch_size, args.chunk_seconds, args.editing_steps, args.word_timestamps
+    for w in transcribe_stream(model, tokenizer, inputs, None, *options, args.batch_seconds):
         windows[w.index].append(w)
         if not args.quiet and durations[w.index] > args.chunk_seconds and not w.error:
             done = f"{names[w.index]}: {w.start + w.seconds:.0f} of {durations[w.index]:.0f} s"
@@ -2078,78 +2057,54 @@ def main():
         failed = _print_in_order(group, lines if shown else {}, named, failed)
     if args.verbose:
         total = time.perf_counter() - start
-        print(
-            f"{len(mine)} file(s), {seconds:.1f} s of audio in {total:.2f} s "
-            f"({seconds / total:.1f}x real time)",
-            file=sys.stderr,
-        )
+        summary = f"{len(mine)} file(s), {seconds:.1f} s of audio in {total:.2f} s"
+        print(f"{summary} ({seconds / total:.1f}x real time)", file=sys.stderr)
     return 1 if failed else 0
 
 
 def _live(model, tokenizer, args):
-    """--live: one input transcribed as it arrives, its events printed as they come
-    (LiveOutput). Returns the exit status; Ctrl-C prints the open window first."""
-    source = _stdin(args.pcm_rate) if args.audio[0] == "-" else Path(args.audio[0])
-    timed = args.word_timestamps or args.output_format in ("srt", "vtt")
+    """--live: one input transcribed as it arrives, each event printed as it comes: json, every
+    event as a line; srt and vtt, a final's cues as its window closes; text on a terminal, the
+    open window rewritten in place and each final as a line; text to a pipe, finals only. Says
+    once when this machine is slower than real time. Returns the exit status."""
+    [source], _ = _expand(args.audio, args.pcm_rate)  # a file or - (_check_args)
     blocks = _audio_blocks(source, block_seconds=LIVE_READ_SECONDS)
-    options = args.chunk_seconds, args.update_seconds, args.editing_steps, timed
-    output = LiveOutput(args)
+    options = args.chunk_seconds, args.update_seconds, args.editing_steps, args.word_timestamps
+    width, count, vtt = args.max_line_width, args.max_line_count, args.output_format == "vtt"
+    segments, cues = [], ""  # srt, vtt: every final's segments, and their cues as printed
+    tty, slow = sys.stdout.isatty(), False
     try:
-        for event in transcribe_live(model, tokenizer, blocks, *options):
-            output.show(event)
+        for n, event in enumerate(transcribe_live(model, tokenizer, blocks, *options)):
+            text, seconds = event.text.strip(), event.end - event.start
+            if args.output_format == "json":
+                record = {"start": round(event.start, 3), "end": round(event.end, 3)}
+                record.update(text=event.text, final=event.final)
+                if args.word_timestamps:
+                    record["words"] = event.words
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            elif args.output_format in ("srt", "vtt") and event.final:
+                segments += split_segments(event.words, width, count)
+                printed, cues = len(cues), subtitles(segments, vtt, width, count)
+                print(cues[printed:], end="", flush=True)  # numbered on from the last
+            elif tty:  # \r: back to the line's start; \x1b[K: clear it
+                columns = shutil.get_terminal_size().columns - 1
+                text = text if event.final else text[-columns:]
+                print(f"\r\x1b[K{text}", end="\n" if event.final else "", flush=True)
+            elif event.final and text:
+                print(text, flush=True)
+            if n > 0 and event.elapsed > seconds and not slow:  # the first pass also compiles
+                slow = True
+                print(
+                    f"warning: this machine transcribes at {seconds / event.elapsed:.2f}x real "
+                    "time: finals will come late (nothing is dropped)",
+                    file=sys.stderr,
+                )
     except BrokenPipeError:  # stdout closed (| head): as anywhere else
         raise
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-class LiveOutput:
-    """Prints transcribe_live's events: text on a terminal, the open window's partial text
-    rewritten in place on one line and each final as a line; text to a pipe, finals only; json,
-    every event as a line; srt and vtt, the cues of each final as its window closes. Says once
-    when this machine is slower than real time."""
-
-    def __init__(self, args):
-        self.args, self.tty, self.slow, self.passes = args, sys.stdout.isatty(), False, 0
-        self.segments, self.printed = [], ""  # srt, vtt: every final's, and what was printed
-
-    def show(self, event):
-        if self.args.output_format == "json":
-            print(self.json(event), flush=True)
-        elif self.args.output_format in ("srt", "vtt") and event.final:
-            print(self.new_cues(event), end="", flush=True)
-        elif self.tty:  # \r: back to the line's start; \x1b[K: clear it
-            width = shutil.get_terminal_size().columns - 1
-            text = event.text.strip() if event.final else event.text.strip()[-width:]
-            print(f"\r\x1b[K{text}", end="\n" if event.final else "", flush=True)
-        elif event.final and event.text.strip():
-            print(event.text.strip(), flush=True)
-        self.passes += 1  # the first pass also compiles: it says nothing of the speed
-        if self.passes > 1 and event.elapsed > event.end - event.start and not self.slow:
-            speed = (event.end - event.start) / event.elapsed
-            print(
-                f"warning: this machine transcribes at {speed:.2f}x real time: "
-                "finals will come late (nothing is dropped)",
-                file=sys.stderr,
-            )
-            self.slow = True
-
-    def json(self, event):
-        record = {"start": round(event.start, 3), "end": round(event.end, 3)}
-        record.update(text=event.text, final=event.final)
-        if self.args.word_timestamps:
-            record["words"] = event.words
-        return json.dumps(record, ensure_ascii=False)
-
-    def new_cues(self, event):
-        """The cues of a final's words (numbered on from the last), as subtitles writes them."""
-        width, count = self.args.max_line_width, self.args.max_line_count
-        self.segments += split_segments(event.words, width, count)
-        cues = subtitles(self.segments, self.args.output_format == "vtt", width, count)
-        new, self.printed = cues[len(self.printed) :], cues
-        return new
 
 
 def _group():
@@ -2174,25 +2129,21 @@ def _shard(inputs, size, rank):
 
 
 def _print_in_order(group, lines, named, failed):
-    """Rank 0 prints every rank's lines {input index: text}, in input order; returns the
-    failures of all ranks on rank 0 (mlx.launch stops the others when a rank exits non-zero)."""
-    gathered = [json.loads(text) for text in _gather_text(group, json.dumps(lines))]
-    every = {int(i): line for part in gathered for i, line in part.items()}
+    """Rank 0 prints every rank's lines {input index: text}, in input order (gathered as UTF-8
+    JSON through mx.distributed); returns the failures of all ranks on rank 0 (mlx.launch stops
+    the others when a rank exits non-zero)."""
+    data = np.frombuffer(json.dumps(lines).encode(), np.uint8)
+    sizes = mx.distributed.all_gather(mx.array([len(data)]), group=group, stream=mx.cpu).tolist()
+    padded = np.zeros(max(sizes), np.uint8)
+    padded[: len(data)] = data
+    rows = np.array(mx.distributed.all_gather(mx.array(padded), group=group, stream=mx.cpu))
+    parts = [json.loads(bytes(row[:n])) for row, n in zip(rows.reshape(len(sizes), -1), sizes)]
+    every = {int(i): line for part in parts for i, line in part.items()}
     if group.rank() == 0:
         blocks = [every[i] + "\n" for i in sorted(every)]
         print(("\n" if named else "").join(blocks), end="", flush=True)
     failed = int(mx.distributed.all_sum(mx.array(failed), group=group, stream=mx.cpu).item())
     return failed if group.rank() == 0 else 0
-
-
-def _gather_text(group, text):
-    """Each rank's text -> every rank's, in rank order (UTF-8 bytes through mx.distributed)."""
-    data = np.frombuffer(text.encode(), np.uint8)
-    sizes = mx.distributed.all_gather(mx.array([len(data)]), group=group, stream=mx.cpu).tolist()
-    padded = np.zeros(max(sizes), np.uint8)
-    padded[: len(data)] = data
-    rows = np.array(mx.distributed.all_gather(mx.array(padded), group=group, stream=mx.cpu))
-    return [bytes(row[:n]).decode() for row, n in zip(rows.reshape(len(sizes), -1), sizes)]
 
 
 def _exit_now(status):
