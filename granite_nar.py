@@ -2159,8 +2159,8 @@ def _exit_now(status):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from now on
-    try:
-        sys.exit(main())
+    try:  # no interpreter shutdown after the work: a Ctrl-C there would print a traceback
+        _exit_now(main())
     except KeyboardInterrupt:
         _exit_now(130)
     except BrokenPipeError:  # stdout closed early (| head): no traceback, nothing more to print
