@@ -178,33 +178,6 @@ class ModelArgs:
         return args
 
 
-# ---- compiled passes ----
-
-
-class Compiled:
-    """mx.compile(fun) for the input shapes that come back: a pass traced once per shape, then
-    replayed without Python's per-op dispatch, elementwise chains fused. A shape's first pass
-    runs as written: tracing a pass and building its kernels costs more than the pass (on a
-    fresh GPU machine, minutes), and in a single run over many inputs few shapes come back
-    (benchmarks/README.md). It keeps at most MAX_TRACES shapes' traces (mx.compile keeps all,
-    and window after window of long audio brings new ones)."""
-
-    MAX_TRACES = 32  # a pass over many clip lengths in batches of varied size comes to ~20
-
-    def __init__(self, fun):
-        self.fun, self.seen, self.shapes, self.compiled = fun, set(), set(), mx.compile(fun)
-
-    def __call__(self, *inputs):
-        shapes = tuple(None if a is None else a.shape for a in inputs)
-        if shapes not in self.seen:  # a few bytes a shape
-            self.seen.add(shapes)
-            return self.fun(*inputs)
-        if shapes not in self.shapes and len(self.shapes) == self.MAX_TRACES:
-            self.shapes, self.compiled = set(), mx.compile(self.fun)
-        self.shapes.add(shapes)
-        return self.compiled(*inputs)
-
-
 # ---- featurizer ----
 
 
@@ -244,9 +217,10 @@ def log_mel(waveforms):
     """A list of B 16 kHz waveforms (n_b,) -> features (B, max T_b, 160), zero past each
     T_b = n_b // 320, and the T_b. Frames 2t and 2t + 1 of the log-mel are stacked as frame t."""
     x, lengths = stft_input(waveforms)
-    return compiled_log_mel(x, mx.array(lengths)), lengths
+    return _log_mel(x, mx.array(lengths)), lengths
 
 
+@mx.compile  # its elementwise steps fused into few kernels; a trace per input shape (a few ops)
 def _log_mel(x, lengths):  # (B, n + N_FFT) padded waveforms, (B,) frames -> (B, T, 160)
     B, n = x.shape
     n_frames = 2 * ((n - N_FFT) // SAMPLES_PER_FRAME)  # an even count of STFT frames
@@ -258,9 +232,6 @@ def _log_mel(x, lengths):  # (B, n + N_FFT) padded waveforms, (B,) frames -> (B,
     top = mx.where(inside, logmel, -mx.inf).max(axis=(1, 2), keepdims=True)  # per utterance
     logmel = mx.where(inside, mx.maximum(logmel, top - 8.0) / 4 + 1, 0)
     return logmel.reshape(B, -1, 2 * N_MELS)
-
-
-compiled_log_mel = Compiled(_log_mel)  # its elementwise steps fused into few kernels
 
 
 # ---- Conformer encoder ----
@@ -573,6 +544,24 @@ class GraniteEditor(nn.Module):
 
 
 # ---- the model ----
+
+
+class Compiled:
+    """mx.compile(fun): a pass traced once per input shape, then replayed without Python's per-op
+    dispatch, elementwise chains fused. It keeps at most MAX_TRACES shapes' traces (mx.compile
+    keeps all, and window after window of long audio brings new ones)."""
+
+    MAX_TRACES = 32  # a pass over many clip lengths in batches of varied size comes to ~20
+
+    def __init__(self, fun):
+        self.fun, self.shapes, self.compiled = fun, set(), mx.compile(fun)
+
+    def __call__(self, *inputs):
+        shapes = tuple(None if a is None else a.shape for a in inputs)
+        if shapes not in self.shapes and len(self.shapes) == self.MAX_TRACES:
+            self.shapes, self.compiled = set(), mx.compile(self.fun)
+        self.shapes.add(shapes)
+        return self.compiled(*inputs)
 
 
 class GraniteNAR(nn.Module):
@@ -1371,7 +1360,7 @@ def encode_batch(model, prepared, steps=None):
         return Encoded(live)
     (x, lengths), (frame_step, slot_step) = stft, steps or shape_steps(model)
     encoder_frames = mx.array(lengths)
-    features = compiled_log_mel(x, encoder_frames)
+    features = _log_mel(x, encoder_frames)
     T = -(-features.shape[1] // frame_step) * frame_step
     mask = None if min(lengths) == T else mx.arange(T) < encoder_frames[:, None]
     features = pad_rows(features, T).astype(model.dtype)

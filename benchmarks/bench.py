@@ -16,10 +16,8 @@ the memory ("beside": true), else alone once granite_nar's weights are freed.
 
 Throughput (--clips N): g.transcribe_stream over N clips of LibriSpeech-like lengths (2-35 s,
 mean ~7 s, each one window), batches of at most --batch-sizes clips and --batch-seconds of
-padded audio, with fixed hypotheses; the speed of the first pass over all clips (every shape new:
-`first_pass_speed`; with MLX's kernel cache empty, the cold start) and of a third (the second
-compiles the shapes that came back), the peak memory, and a fourth pass that waits after each
-stage. --first-pass-only stops after the first.
+padded audio, with fixed hypotheses; the speed of a second pass over all clips (the first also
+traces each new shape), the peak memory, and a third pass that waits after each stage.
 
 --word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypotheses on the
 batch's BPE CTC logits): stages `word_timestamps` (their log-softmax columns, on the device) and
@@ -184,19 +182,14 @@ def throughput(model, tokenizer, args, common):
             batch_seconds=batch_seconds,
         )
         walls = []
-        # the first pass meets every shape (run as written), the second compiles them (Compiled)
-        for _ in range(1 if args.first_pass_only else 3):
+        for _ in range(2):  # the first pass also traces each new shape
             mx.reset_peak_memory()
             tic = time.perf_counter()
             with FixedEditor():
                 list(g.transcribe_stream(model, tokenizer, waveforms, **options))
             walls.append(time.perf_counter() - tic)
         peak = mx.get_peak_memory() / 1e9
-        if args.first_pass_only:
-            row = dict(impl="granite_nar", **common, batch_size=batch_size, clips=args.clips)
-            print(json.dumps({**row, "first_pass_speed": round(seconds / walls[0], 1)}))
-            continue
-        times = {}  # a last pass, waiting after each stage: where the time goes
+        times = {}  # a third pass, waiting after each stage: where the time goes
         tic = time.perf_counter()
         with FixedEditor(times):
             list(g.transcribe_stream(model, tokenizer, waveforms, **options))
@@ -212,8 +205,8 @@ def throughput(model, tokenizer, args, common):
             "batch_seconds": batch_seconds,
             "clips": args.clips,
             "seconds_audio": round(seconds, 1),
-            "wall_s": round(walls[-1], 3),
-            "speed": round(seconds / walls[-1], 1),
+            "wall_s": round(walls[1], 3),
+            "speed": round(seconds / walls[1], 1),
             "first_pass_speed": round(seconds / walls[0], 1),
             "peak_mem_gb": round(peak, 3),
             "stages_ms": {stage: round(1000 * t, 1) for stage, t in times.items()},
@@ -286,7 +279,6 @@ def main():
         default=[g.BATCH_SECONDS],
         help="throughput: padded audio in a batch, at most (each with each size)",
     )
-    add("--first-pass-only", action="store_true", help="throughput: time the first pass only")
     add("--word-timestamps", action="store_true", help="also time word timestamps (ctc_align)")
     add("--live", type=float, metavar="S", help="time transcribe_live instead, on S s of audio")
     add("--chunk-seconds", type=float, default=g.CHUNK_SECONDS, help="--live: window length")

@@ -104,27 +104,25 @@ def test_shard_partitions_the_inputs_and_balances_them(tmp_path):
 
 def test_compiled_keeps_at_most_max_traces(monkeypatch):
     monkeypatch.setattr(g.Compiled, "MAX_TRACES", 3)
-    calls = []
+    traced = []
 
-    def fun(x, mask):  # runs in Python on a shape's first pass, and when mx.compile traces it
-        calls.append(x.shape)
+    def fun(x, mask):  # runs in Python only when mx.compile traces a new shape
+        traced.append(x.shape)
         return x * 2 + (0 if mask is None else mask)
 
     compiled = g.Compiled(fun)
-    sizes = [1, 2, 3] * 3 + [1, 2, 3, 4, 5] * 3
-    for count, n in enumerate(sizes, 1):
+    sizes = [1, 2, 3, 1, 2, 3] + [1, 2, 3, 4, 5] * 3
+    for calls, n in enumerate(sizes, 1):
         mask = None if n % 2 else mx.ones(n)
         out = compiled(mx.arange(n), mask)
         expected = 2 * np.arange(n) + (0 if mask is None else 1)
         np.testing.assert_array_equal(np.array(out), expected)
         assert len(compiled.shapes) <= 3, compiled.shapes
-        if count == 3:  # each shape's first pass ran as written: nothing traced
-            assert len(calls) == 3 and not compiled.shapes
-        if count == 9:  # the second traced it; the third replayed the trace
-            assert len(calls) == 6 and len(compiled.shapes) == 3
+        if calls == 6:
+            assert len(traced) == 3  # shapes it holds are replayed, not traced again
     # five shapes, room for three: some come back after they were dropped and are traced again
-    # (with every trace kept, 4 and 5 would be run once and traced once)
-    assert len(calls) > 10, calls
+    # (with every trace kept, each shape would be traced once)
+    assert len(traced) > 5, traced
 
 
 def test_model_passes_right_after_traces_are_dropped(loaded, model_dir, monkeypatch):
@@ -134,12 +132,11 @@ def test_model_passes_right_after_traces_are_dropped(loaded, model_dir, monkeypa
     assert len(set(expected)) > 3
     monkeypatch.setattr(g.Compiled, "MAX_TRACES", 2)
     model, tokenizer = g.load(model_dir, dtype=mx.float32)
-    for _ in range(2):  # the first round runs each shape as written, the second compiles
+    for _ in range(2):
         for clip, text in zip(clips, expected):
             assert g.transcribe(model, tokenizer, clip) == text
             for compiled in (model.compiled_encode, model.compiled_edit):
-                assert len(compiled.shapes) <= 2
-    assert all(len(c.shapes) == 2 for c in (model.compiled_encode, model.compiled_edit))
+                assert 1 <= len(compiled.shapes) <= 2
 
 
 # ---- subtitles: --max-line-width and --max-line-count ----
