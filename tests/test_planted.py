@@ -64,7 +64,7 @@ def test_outputs_replace_the_file_and_never_write_in_place(loaded, model_dir, tm
     keep.write_text("another file's content\n")
     os.link(keep, out / "a.wav.txt")
     (out / "b.wav.txt").write_text("an older transcript, longer than the new one\n")
-    cli("in", "--model", model_dir, "--output-dir", "out", cwd=tmp_path)
+    cli("in", "--model", model_dir, "--output-dir", "out", "--dtype", "float32", cwd=tmp_path)
     golden = g.transcribe(*loaded, AUDIO_SHORT)
     assert golden
     for name in ("a.wav.txt", "b.wav.txt"):
@@ -176,7 +176,7 @@ def test_subtitle_options_shape_the_cues(loaded, model_dir, speech_file, fmt, wi
     segments = g.split_segments(words, width, count)
     expected = g.subtitles(segments, vtt, width, count)
     assert expected != g.subtitles(g.split_segments(words), vtt)  # the options matter here
-    options = ("--max-line-width", width, "--max-line-count", count)
+    options = ("--max-line-width", width, "--max-line-count", count, "--dtype", "float32")
     result = cli(speech_file, "--model", model_dir, "--output-format", fmt, *options)
     assert result.stdout.strip("\n") == expected.strip("\n")
     found = cues(result.stdout, vtt)
