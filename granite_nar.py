@@ -294,7 +294,8 @@ class ConformerAttention(nn.Module):
         strides = (n * C * H * W, C * H * W, W, H * W - 1, 1)  # (B, nC, H, W) as (B, n, H, C, C)
         bias = mx.as_strided(shaw, (B, n, H, C, C), strides, C - 1) * self.scale
         if mask is not None or n * C > T:  # padded frames: -max instead of the position term
-            real = mx.arange(n * C)[None] < T if mask is None else pad_rows(mask, n * C)
+            # (built from arrays: a number from a shape would become a new kernel per shape)
+            real = pad_rows(mx.ones((B, T), mx.bool_) if mask is None else mask, n * C)
             real = real.reshape(-1, n, 1, C)
             bias = mx.where(real[..., :, None] & real[..., None, :], bias, mx.finfo(bias.dtype).min)
 
@@ -597,7 +598,9 @@ class GraniteNAR(nn.Module):
         audio_lengths = mx.full((B,), A) if audio_lengths is None else audio_lengths
         text_lengths = mx.full((B,), L) if text_lengths is None else text_lengths
         text_pos = mx.arange(A + L) - audio_lengths[:, None]  # (B, S): negative on audio rows
-        slot_ids = mx.take_along_axis(text_ids, mx.clip(text_pos, 0, L - 1), axis=1)
+        # clipped to each row's last slot, not to L - 1: a number from a shape in a compiled
+        # pass is built into a kernel, and each new L would build one more
+        slot_ids = mx.take_along_axis(text_ids, mx.clip(text_pos, 0, text_lengths[:, None] - 1), 1)
         is_audio = (text_pos < 0)[..., None]
         inputs_embeds = mx.where(
             is_audio, pad_rows(audio_embeds, A + L), self.editor.embed_tokens(slot_ids)

@@ -4,6 +4,7 @@ issue "What the tests let through"): every test here fails with its bug planted.
 - outputs written in place instead of to a temporary file renamed over the output
 - _shard giving every file to rank 0, or every rank every file (also tests/test_distributed.py)
 - Compiled never evicting its traces
+- a number taken from a shape inside a compiled pass (a kernel built for each new shape)
 - --max-line-width / --max-line-count ignored by --output-format srt / vtt
 - word times no longer clamped to their window's end
 
@@ -137,6 +138,50 @@ def test_model_passes_right_after_traces_are_dropped(loaded, model_dir, monkeypa
             assert g.transcribe(model, tokenizer, clip) == text
             for compiled in (model.compiled_encode, model.compiled_edit):
                 assert 1 <= len(compiled.shapes) <= 2
+
+
+KERNELS = """
+import glob, os, re, sys
+import mlx.core as mx
+import granite_nar as g
+model, tokenizer = g.load(sys.argv[1], dtype=mx.float32)
+H, blank = model.args.editor.hidden_size, model.args.blank_token_id
+x = g.load_audio(sys.argv[2])
+
+def passes(n, L):  # n samples of audio alone, then with a longer one; the editor at L slots
+    g.transcribe(model, tokenizer, x[:n])
+    g.transcribe(model, tokenizer, [x[:n], x[: n + 7000]])
+    e, ids = mx.zeros((2, 9, H)), mx.full((2, L), blank)
+    mx.eval(model.compiled_edit(e, ids, mx.array([9, 7]), mx.array([L, L - 3])))
+
+def kernels():  # MLX's kernel cache: one file a kernel (the CPU's a file a variant)
+    files = glob.glob(os.environ["TMPDIR"] + "/**/*.*", recursive=True)
+    names = [os.path.basename(f) for f in files if f.endswith((".so", ".ptx"))]
+    return {re.sub(r"^lib|_(strided|contiguous).*$|\\.(so|ptx)$", "", f) for f in names}
+
+passes(23456, 16)
+before = kernels()
+passes(30001, 32)
+passes(41234, 48)
+print(len(before), sorted(kernels() - before))
+"""
+
+
+def test_compiled_passes_build_no_kernel_for_a_new_shape(model_dir, tmp_path):
+    """A pass compiled for a shape builds its fused kernels (seconds each on a fresh GPU machine)
+    unless MLX's kernel cache has them: passes over new lengths and slot counts need none."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "MLX_PTX_CACHE_DIR": str(tmp_path / "ptx")}
+    run = subprocess.run(
+        [sys.executable, "-c", KERNELS, str(model_dir), str(AUDIO)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    built, new = run.stdout.split(" ", 1)
+    assert int(built) > 5 and new.strip() == "[]", run.stdout
 
 
 # ---- subtitles: --max-line-width and --max-line-count ----
