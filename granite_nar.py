@@ -1055,11 +1055,16 @@ def load(path, dtype=None, dequantize=None):
 # ---- audio input ----
 
 READ_SECONDS = 10  # read, mixed and resampled this much at a time: memory stays flat
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au")
-AUDIO_EXTENSIONS += (".caf", ".w64", ".rf64")
+AUDIO_EXTENSIONS = tuple(".wav .flac .ogg .oga .opus .mp3 .aif .aiff .au .caf .w64 .rf64".split())
 # WAV (format tag, bits) -> numpy sample type: PCM (tag 1; 24-bit as 3 bytes) and float (tag 3)
-WAV_SAMPLES = {(1, 8): "u1", (1, 16): "<i2", (1, 24): "3u1", (1, 32): "<i4", (3, 32): "<f4"}
-WAV_SAMPLES[3, 64] = "<f8"
+WAV_SAMPLES = {
+    (1, 8): "u1",
+    (1, 16): "<i2",
+    (1, 24): "3u1",
+    (1, 32): "<i4",
+    (3, 32): "<f4",
+    (3, 64): "<f8",
+}
 UNKNOWN_LENGTH = (0, 0xFFFFFFFF)  # a WAV writer on a pipe cannot know the length
 
 
@@ -1785,8 +1790,14 @@ rate and channel count. Audio longer than --chunk-seconds is read as it goes and
 windows, each cut moved to the quietest 20 ms within 5 s. Exit status: 0 if every file was
 transcribed, 1 if any failed (each failure is reported on stderr), 2 for bad options."""
 COLUMNS = ("file", "text", "audio_seconds", "processing_seconds", "speed")  # json keys, tsv columns
-SUFFIXES = {"text": ".txt", "txt": ".txt", "json": ".json", "tsv": ".tsv", "srt": ".srt"}
-SUFFIXES["vtt"] = ".vtt"
+SUFFIXES = {
+    "text": ".txt",
+    "txt": ".txt",
+    "json": ".json",
+    "tsv": ".tsv",
+    "srt": ".srt",
+    "vtt": ".vtt",
+}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
