@@ -1758,6 +1758,7 @@ def transcribe_live(
     step, source = round(update_seconds * SAMPLE_RATE), Prefetch(blocks, size=64)
     options = editing_steps, word_timestamps
     buffer, start, shown = np.zeros(0, np.float32), 0, 0  # the open window; samples of its partial
+    error = None
     try:
         for block in itertools.chain(source, [None]):  # None: the end
             buffer = buffer if block is None else np.concatenate([buffer, block])
@@ -1768,12 +1769,12 @@ def transcribe_live(
             if block is not None and len(buffer) - shown >= step and not source.waiting():
                 yield _live_event(model, tokenizer, buffer, start, False, *options)
                 shown = len(buffer)
-    except (KeyboardInterrupt, OSError, ValueError):
-        if len(buffer):
-            yield _live_event(model, tokenizer, buffer, start, True, *options)
-        raise
+    except (KeyboardInterrupt, OSError, ValueError) as e:  # raised once the window is closed
+        error = e
     if len(buffer):
         yield _live_event(model, tokenizer, buffer, start, True, *options)
+    if error:
+        raise error
 
 
 # ---- command line ----
