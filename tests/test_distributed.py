@@ -57,7 +57,9 @@ def free_ports(n):
 def run(model_dir, *args, processes=1, cwd, tmpdir=None):
     """granite_nar.py, or `processes` of it under mlx.launch with TMPDIR=tmpdir."""
     command = [sys.executable, str(ROOT / "granite_nar.py"), *map(str, args)]
-    command += ["--model", str(model_dir)]
+    # float32, where a clip's text does not depend on the clips batched with it (on a GPU bf16
+    # would be the default, and a rank's batches differ from one process's)
+    command += ["--model", str(model_dir), "--dtype", "float32"]
     env = dict(os.environ)
     if processes > 1:
         # mlx.launch is a script of this Python's: run by it, not by its #! line or PATH; after

@@ -290,11 +290,12 @@ def test_cli_live_memory_stays_flat(model_dir):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
         peaks[minutes] = float(result.stderr.splitlines()[-1])
-    # The peak of identical runs moves by up to 2.5 MB (threads and the allocator), more than a
-    # window's float32 samples (1.8 MB): bound at four windows' worth. Holding the audio would
-    # add 61 MB, holding the passes' buffers more.
+    # The peak of identical runs moves by up to 2.5 MB on a CPU (threads and the allocator),
+    # more than a window's float32 samples (1.8 MB): bound at four windows' worth; on a GPU,
+    # where ~1.3 GB of CUDA runtime moved by 13 MB (1 %), at 2 % of the peak (as
+    # test_ten_minutes_in_flat_memory). Holding the audio would add 61 MB, the buffers more.
     window_mb = g.CHUNK_SECONDS * SR * 4 / 2**20
-    assert peaks[20] < peaks[4] + 4 * window_mb, peaks
+    assert peaks[20] < peaks[4] + max(4 * window_mb, 0.02 * peaks[4]), peaks
 
 
 def test_cli_live_into_a_closed_pipe(model_dir, speech, tmp_path):
