@@ -550,14 +550,17 @@ class GraniteEditor(nn.Module):
 class Compiled:
     """mx.compile(fun): a pass traced once per input shape, then replayed without Python's per-op
     dispatch, elementwise chains fused. It keeps at most MAX_TRACES shapes' traces (mx.compile
-    keeps all, and window after window of long audio brings new ones)."""
+    keeps all, and window after window of long audio brings new ones). Not `enabled`: fun."""
 
     MAX_TRACES = 32  # a pass over many clip lengths in batches of varied size comes to ~20
 
     def __init__(self, fun):
         self.fun, self.shapes, self.compiled = fun, set(), mx.compile(fun)
+        self.enabled = True
 
     def __call__(self, *inputs):
+        if not self.enabled:
+            return self.fun(*inputs)
         shapes = tuple(None if a is None else a.shape for a in inputs)
         if shapes not in self.shapes and len(self.shapes) == self.MAX_TRACES:
             self.shapes, self.compiled = set(), mx.compile(self.fun)
@@ -1009,12 +1012,13 @@ def model_path(path_or_repo, files=HUB_FILES):
         ) from None
 
 
-def load(path, dtype=None, dequantize=None):
+def load(path, dtype=None, dequantize=None, compile=None):
     """A model directory or Hub repo id (a convert.py output, an upstream checkpoint in either
     layout, an mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in dtype (default:
     float32 on a CPU, bfloat16 on a GPU). With `dequantize` (default: where MLX's quantized
     matmuls are slower than dense ones, on a CPU or an NVIDIA GPU) a quantized editor is
-    dequantized to dtype at load, computing exactly what its layers would."""
+    dequantized to dtype at load, computing exactly what its layers would. With `compile`
+    (default: on a GPU) transcription runs the passes compiled (Compiled)."""
     path = model_path(path)
     config, model, weights = read_checkpoint(path)
     q, on_cpu = config.get("quantization"), mx.default_device() == mx.cpu
@@ -1049,6 +1053,10 @@ def load(path, dtype=None, dequantize=None):
     model.load_weights(list(weights.items()), strict=True)
     model.eval()  # BatchNorm uses its running statistics
     mx.eval(model.parameters())
+    # On a CPU compiling the passes makes none faster, and a first run spends 19 s of a 30 s
+    # file's 44 building their kernels with the C++ compiler (benchmarks/README.md)
+    compile = not on_cpu if compile is None else compile
+    model.compiled_encode.enabled = model.compiled_edit.enabled = compile
     return model, Tokenizer(path)
 
 

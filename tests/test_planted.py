@@ -129,10 +129,10 @@ def test_compiled_keeps_at_most_max_traces(monkeypatch):
 def test_model_passes_right_after_traces_are_dropped(loaded, model_dir, monkeypatch):
     full = g.load_audio(AUDIO)
     clips = [full[:n] for n in (8000, 16000, 24000, 40000, None)] + [AUDIO_SHORT]
-    expected = [g.transcribe(*loaded, clip) for clip in clips]  # with the default MAX_TRACES
+    expected = [g.transcribe(*loaded, clip) for clip in clips]  # as load() runs them here
     assert len(set(expected)) > 3
     monkeypatch.setattr(g.Compiled, "MAX_TRACES", 2)
-    model, tokenizer = g.load(model_dir, dtype=mx.float32)
+    model, tokenizer = g.load(model_dir, dtype=mx.float32, compile=True)  # as on a GPU
     for _ in range(2):
         for clip, text in zip(clips, expected):
             assert g.transcribe(model, tokenizer, clip) == text
@@ -144,7 +144,7 @@ KERNELS = """
 import glob, os, re, sys
 import mlx.core as mx
 import granite_nar as g
-model, tokenizer = g.load(sys.argv[1], dtype=mx.float32)
+model, tokenizer = g.load(sys.argv[1], dtype=mx.float32, compile=True)  # as on a GPU
 H, blank = model.args.editor.hidden_size, model.args.blank_token_id
 x = g.load_audio(sys.argv[2])
 
@@ -182,6 +182,31 @@ def test_compiled_passes_build_no_kernel_for_a_new_shape(model_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     built, new = run.stdout.split(" ", 1)
     assert int(built) > 5 and new.strip() == "[]", run.stdout
+
+
+FIRST_RUN = """
+import glob, os, sys
+import granite_nar as g
+g.transcribe(*g.load(sys.argv[1]), sys.argv[2])
+print(len(glob.glob(os.environ["TMPDIR"] + "/**/*.so", recursive=True)))
+"""
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="passes are compiled on a GPU")
+def test_a_first_run_on_a_cpu_builds_few_kernels(model_dir, tmp_path):
+    """On a CPU load() leaves the passes uncompiled: a first run builds the featurizer's and
+    mlx.nn's few compiled kernels (9 here), not the compiled passes' (41 here, 19 s of a full-size
+    model's first run on 30 s of audio)."""
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_RUN, str(model_dir), str(AUDIO)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) <= 12, run.stdout
 
 
 # ---- subtitles: --max-line-width and --max-line-count ----
