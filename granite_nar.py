@@ -1020,6 +1020,26 @@ def model_path(path_or_repo, files=HUB_FILES):
         ) from None
 
 
+def dequantize_weights(weights, dtype, quant):
+    """Replace each quantized layer's tensors (weight, scales, biases) by its weight as the layer
+    computes it: mx.dequantize, scales and biases in dtype. A CPU stream runs on one core, so on
+    a CPU the layers are shared among a stream per core (benchmarks/README.md)."""
+    if mx.default_device() == mx.cpu:
+        streams = [mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1)]
+    else:
+        streams = [mx.default_stream(mx.default_device())]
+    names = [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]
+    for i in range(0, len(names), len(streams)):  # a layer per stream at a time: memory stays flat
+        for stream, name in zip(streams, names[i : i + len(streams)]):
+            w, scales = weights.pop(f"{name}.weight"), weights.pop(f"{name}.scales")
+            biases = weights.pop(f"{name}.biases", None)
+            biases = biases if biases is None else biases.astype(dtype)
+            with mx.stream(stream):
+                w = mx.dequantize(w, scales.astype(dtype), biases, **quant)
+            weights[f"{name}.weight"] = w
+        mx.eval([weights[f"{name}.weight"] for name in names[i : i + len(streams)]])
+
+
 def load(path, dtype=None, dequantize=None, compile=None):
     """A model directory or Hub repo id (a convert.py output, an upstream checkpoint in either
     layout, an mlx-audio conversion) -> (GraniteNAR, Tokenizer), computing in dtype (default:
@@ -1039,13 +1059,7 @@ def load(path, dtype=None, dequantize=None, compile=None):
     if q:
         quant = dict(group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
         if dequantize:
-            for name in [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]:
-                w, s = weights.pop(f"{name}.weight"), weights.pop(f"{name}.scales")
-                b = weights.pop(f"{name}.biases", None)  # scales and biases in dtype, as a layer
-                b = b if b is None else b.astype(dtype)
-                w = mx.dequantize(w, s.astype(dtype), b, **quant)
-                weights[f"{name}.weight"] = w
-                mx.eval(w)
+            dequantize_weights(weights, dtype, quant)
             warnings.warn(
                 f"{path}: its {q['bits']}-bit layers are dequantized to {dtype} (MLX's quantized "
                 "matmuls are slower here; load(..., dequantize=False) keeps them)"
