@@ -1020,14 +1020,18 @@ def model_path(path_or_repo, files=HUB_FILES):
         ) from None
 
 
+@functools.cache
+def cpu_streams():
+    """A CPU stream per core, made once (each stream runs its work on one thread)."""
+    return [mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1)]
+
+
 def dequantize_weights(weights, dtype, quant):
     """Replace each quantized layer's tensors (weight, scales, biases) by its weight as the layer
-    computes it: mx.dequantize, scales and biases in dtype. A CPU stream runs on one core, so on
-    a CPU the layers are shared among a stream per core (benchmarks/README.md)."""
-    if mx.default_device() == mx.cpu:
-        streams = [mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1)]
-    else:
-        streams = [mx.default_stream(mx.default_device())]
+    computes it: mx.dequantize, scales and biases in dtype. MLX's CPU dequantize runs on one
+    core, so on a CPU the layers are shared among cpu_streams (benchmarks/README.md)."""
+    on_cpu = mx.default_device() == mx.cpu
+    streams = cpu_streams() if on_cpu else [mx.default_stream(mx.default_device())]
     names = [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]
     for i in range(0, len(names), len(streams)):  # a layer per stream at a time: memory stays flat
         for stream, name in zip(streams, names[i : i + len(streams)]):
