@@ -315,16 +315,16 @@ class ConformerConvModule(nn.Module):
         K = args.conv_kernel_size
         self.norm = nn.LayerNorm(dim)
         self.up_conv = nn.Linear(dim, 2 * inner)  # the pointwise (kernel 1) convs are Linears
-        # Upstream pads K // 2 before and K // 2 - 1 after for an even K: this pads K // 2 on
-        # both sides and drops the one extra output
-        self.depth_conv = nn.Conv1d(inner, inner, K, padding=K // 2, groups=inner, bias=False)
+        self.depth_conv = nn.Conv1d(inner, inner, K, groups=inner, bias=False)  # its taps
         self.batch_norm = nn.BatchNorm(inner)
         self.down_conv = nn.Linear(inner, dim)
 
     def __call__(self, x, mask=None):  # (B, T, D) -> (B, T, D), over the whole utterance
         h = zero_padding(nn.glu(self.up_conv(self.norm(x))), mask)  # zeros past each end
         # The depthwise conv and the BatchNorm as K shifted multiply-adds in float32, the norm's
-        # scale folded into the taps: faster than MLX's grouped conv (benchmarks/README.md)
+        # scale folded into the taps: faster than MLX's grouped conv (benchmarks/README.md).
+        # Padded K // 2 on both sides (upstream pads one less after for an even K: the T
+        # outputs never read it)
         bn, T = self.batch_norm, x.shape[1]
         scale = bn.weight.astype(mx.float32) * mx.rsqrt(bn.running_var.astype(mx.float32) + bn.eps)
         taps = self.depth_conv.weight[:, :, 0].T * scale  # (K, C)
