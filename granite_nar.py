@@ -1034,14 +1034,15 @@ def dequantize_weights(weights, dtype, quant):
     streams = cpu_streams() if on_cpu else [mx.default_stream(mx.default_device())]
     names = [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]
     for i in range(0, len(names), len(streams)):  # a layer per stream at a time: memory stays flat
-        for stream, name in zip(streams, names[i : i + len(streams)]):
+        group = names[i : i + len(streams)]
+        for stream, name in zip(streams, group):
             w, scales = weights.pop(f"{name}.weight"), weights.pop(f"{name}.scales")
             biases = weights.pop(f"{name}.biases", None)
             biases = biases if biases is None else biases.astype(dtype)
             with mx.stream(stream):
                 w = mx.dequantize(w, scales.astype(dtype), biases, **quant)
             weights[f"{name}.weight"] = w
-        mx.eval([weights[f"{name}.weight"] for name in names[i : i + len(streams)]])
+        mx.eval([weights[f"{name}.weight"] for name in group])
 
 
 def load(path, dtype=None, dequantize=None, compile=None):
