@@ -328,7 +328,7 @@ class ConformerConvModule(nn.Module):
         bn, T = self.batch_norm, x.shape[1]
         scale = bn.weight.astype(mx.float32) * mx.rsqrt(bn.running_var.astype(mx.float32) + bn.eps)
         taps = self.depth_conv.weight[:, :, 0].T * scale  # (K, C)
-        h = mx.pad(h, [(0, 0), (taps.shape[0] // 2, taps.shape[0] // 2), (0, 0)])
+        h = mx.pad(h, [(0, 0), (len(taps) // 2, len(taps) // 2), (0, 0)])
         y = bn.bias - bn.running_mean * scale  # (C,) float32
         for k, tap in enumerate(taps):
             y = y + h[:, k : k + T] * tap
@@ -1040,8 +1040,7 @@ def dequantize_weights(weights, dtype, quant):
             biases = weights.pop(f"{name}.biases", None)
             biases = biases if biases is None else biases.astype(dtype)
             with mx.stream(stream):
-                w = mx.dequantize(w, scales.astype(dtype), biases, **quant)
-            weights[f"{name}.weight"] = w
+                weights[f"{name}.weight"] = mx.dequantize(w, scales.astype(dtype), biases, **quant)
         mx.eval([weights[f"{name}.weight"] for name in group])
 
 
