@@ -315,24 +315,33 @@ class ConformerConvModule(nn.Module):
         K = args.conv_kernel_size
         self.norm = nn.LayerNorm(dim)
         self.up_conv = nn.Linear(dim, 2 * inner)  # the pointwise (kernel 1) convs are Linears
-        self.depth_conv = nn.Conv1d(inner, inner, K, groups=inner, bias=False)  # its taps
+        # Upstream pads K // 2 before and K // 2 - 1 after for an even K: this pads K // 2 on
+        # both sides and drops the one extra output
+        self.depth_conv = nn.Conv1d(inner, inner, K, padding=K // 2, groups=inner, bias=False)
         self.batch_norm = nn.BatchNorm(inner)
         self.down_conv = nn.Linear(inner, dim)
+        self.shifted = False  # depth_conv and batch_norm as shifted_sum: load() sets it on a CPU
 
     def __call__(self, x, mask=None):  # (B, T, D) -> (B, T, D), over the whole utterance
         h = zero_padding(nn.glu(self.up_conv(self.norm(x))), mask)  # zeros past each end
-        # The depthwise conv and the BatchNorm as K shifted multiply-adds in float32, the norm's
-        # scale folded into the taps: faster than MLX's grouped conv (benchmarks/README.md).
-        # Padded K // 2 on both sides (upstream pads one less after for an even K: the T
-        # outputs never read it)
-        bn, T = self.batch_norm, x.shape[1]
+        if self.shifted:
+            h = self.shifted_sum(h)
+        else:
+            h = self.batch_norm(self.depth_conv(h)[:, : x.shape[1]])
+        return self.down_conv(nn.silu(h).astype(x.dtype))
+
+    def shifted_sum(self, h):
+        """depth_conv then batch_norm as K shifted multiply-adds in float32, the norm's scale
+        folded into the taps: (B, T, C) -> (B, T, C) float32. On a CPU it is faster than MLX's
+        grouped conv, on a GPU slower (benchmarks/README.md)."""
+        bn, T = self.batch_norm, h.shape[1]
         scale = bn.weight.astype(mx.float32) * mx.rsqrt(bn.running_var.astype(mx.float32) + bn.eps)
         taps = self.depth_conv.weight[:, :, 0].T * scale  # (K, C)
-        h = mx.pad(h, [(0, 0), (len(taps) // 2, len(taps) // 2), (0, 0)])
+        h = mx.pad(h, [(0, 0), (len(taps) // 2, len(taps) // 2), (0, 0)])  # as depth_conv
         y = bn.bias - bn.running_mean * scale  # (C,) float32
         for k, tap in enumerate(taps):
             y = y + h[:, k : k + T] * tap
-        return self.down_conv(nn.silu(y).astype(x.dtype))
+        return y
 
 
 class ConformerBlock(nn.Module):
@@ -1078,6 +1087,8 @@ def load(path, dtype=None, dequantize=None, compile=None):
             mx.eval(weights[key])
     model.load_weights(list(weights.items()), strict=True)
     model.eval()  # BatchNorm uses its running statistics
+    for layer in model.encoder.layers:  # the faster depthwise conv here (benchmarks/README.md)
+        layer.conv.shifted = on_cpu
     mx.eval(model.parameters())
     # On a CPU compiling the passes makes none faster, and a first run spends 19 s of a 30 s
     # file's 44 building their kernels with the C++ compiler (benchmarks/README.md)

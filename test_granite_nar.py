@@ -90,8 +90,11 @@ def test_log_mel(case):
 # ---- encoder ----
 
 
-def test_encoder_hidden_states_and_bpe_logits(loaded, case):
+@pytest.mark.parametrize("shifted", [False, True])  # load() picks one per backend
+def test_encoder_hidden_states_and_bpe_logits(loaded, case, shifted, monkeypatch):
     model, _ = loaded
+    for layer in model.encoder.layers:
+        monkeypatch.setattr(layer.conv, "shifted", shifted)
     hidden_states, bpe_logits = model.encoder(mx.array(case["input_features"])[None])
     assert len(hidden_states) == model.args.encoder.num_layers + 1
     for ours, ref in zip(hidden_states, case["encoder_hidden_states"]):

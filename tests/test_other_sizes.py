@@ -498,7 +498,10 @@ def test_log_mel(built):
         close(f"{tag} input_features", granite_nar.log_mel([x])[0][0], ref["input_features"])
 
 
-def test_encoder_hidden_states(built):
+@pytest.mark.parametrize("shifted", [False, True])  # load() picks one per backend
+def test_encoder_hidden_states(built, shifted, monkeypatch):
+    for layer in built["model"].encoder.layers:
+        monkeypatch.setattr(layer.conv, "shifted", shifted)
     for tag, _, ref in each(built):
         hs, bpe = built["model"].encoder(mx.array(ref["input_features"].astype(np.float32))[None])
         assert len(hs) == built["cfg"]["encoder_config"]["num_layers"] + 1
