@@ -337,13 +337,13 @@ def test_wav_sample_formats_on_stdin_as_by_path(model_dir, tmp_path):
         sf.write(tmp_path / name, data, rate, **options)
     # float32: the files are batched together by path, alone on stdin, and on a GPU a clip's
     # text in bf16 can depend on the clips batched with it
-    options = "--model", model_dir, "--output-format", "json", "--dtype", "float32"
-    result = _cli(*files, *options, cwd=tmp_path)
+    cli_options = "--model", model_dir, "--output-format", "json", "--dtype", "float32"
+    result = _cli(*files, *cli_options, cwd=tmp_path)
     by_path = [json.loads(line) for line in _ok(result).splitlines()]
     assert [r["file"] for r in by_path] == list(files)
     for name, record in zip(files, by_path):
         data = (tmp_path / name).read_bytes()
-        result = _cli("-", *options, stdin=data)
+        result = _cli("-", *cli_options, stdin=data)
         piped = json.loads(_ok(result))
         assert piped["file"] == "-" and piped["text"] == record["text"], name
         assert piped["audio_seconds"] == record["audio_seconds"], name
