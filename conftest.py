@@ -1,5 +1,6 @@
 """Fixtures shared by the tests: the dev checkpoint (tests/fixtures/dev), converted once."""
 
+import importlib.metadata
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +10,15 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 # MLX compiles its CPU kernels with g++, which finds its own parts through PATH: without one
 # (env -i), the tests and the processes they start get the system's default.
 os.environ.setdefault("PATH", os.defpath)
+# MLX writes a GPU kernel it builds into its cache file in place, so a process reading that file
+# while another writes it loads half a kernel and stops: under pytest-xdist (-n) each worker, and
+# the processes it starts, keep their own cache.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    mlx_version = importlib.metadata.version("mlx")  # as MLX's own default, one cache a version
+    default = os.path.join(tempfile.gettempdir(), "mlx", mlx_version, "ptx")
+    os.environ["MLX_PTX_CACHE_DIR"] = os.path.join(
+        os.environ.get("MLX_PTX_CACHE_DIR", default), worker
+    )
 
 import granite_nar as g  # noqa: E402  (first: it loads OpenBLAS before MLX)
 
