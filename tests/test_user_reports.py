@@ -92,6 +92,19 @@ def texts(loaded):
 # 1. Ctrl-C and | head
 
 
+@pytest.fixture(scope="module")
+def warm(model_dir, tmp_path_factory):
+    """The commands below, run once untimed: on a fresh GPU machine their first run builds the
+    kernels for their shapes (a minute or more), and Ctrl-C waits for a kernel being built."""
+    folder = tmp_path_factory.mktemp("warm")
+    _noise(folder / "long.wav", 30)
+    files = AUDIO_SHORT, folder / "long.wav", AUDIO, AUDIO_SHORT
+    result = _cli(
+        *files, "--model", model_dir, "--chunk-seconds", 4, "--batch-size", 1, timeout=900
+    )
+    assert result.returncode == 0, result.stderr  # its stderr: progress on the long file
+
+
 def _stopped(process, timeout=15):
     """(stdout, stderr) left once the process ended; it must end within `timeout` seconds."""
     try:
@@ -135,6 +148,7 @@ def _interrupted(command, ready, moment=0.0, **env):
     return process.returncode, "".join(lines)
 
 
+@pytest.mark.usefixtures("warm")
 def test_ctrl_c_at_any_moment_exits_130(model_dir, tmp_path):
     _noise(tmp_path / "long.wav", 300)  # a few seconds of windows here: each moment is mid-run
     command = [sys.executable, str(SCRIPT), str(tmp_path / "long.wav"), "--model", str(model_dir)]
@@ -160,6 +174,7 @@ def test_ctrl_c_while_starting_exits_130(model_dir):
         assert status == 130, (module, status)
 
 
+@pytest.mark.usefixtures("warm")
 def test_head_closes_stdout_early(model_dir, tmp_path):
     _noise(tmp_path / "long.wav", 30)
     files = [AUDIO_SHORT, tmp_path / "long.wav", AUDIO, AUDIO_SHORT]
