@@ -159,8 +159,8 @@ def test_ctrl_c_at_any_moment_exits_130(model_dir, tmp_path):
         status, stderr = _interrupted(command, after_load, moment)
         assert time.monotonic() - start < moment + 15
         assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, (moment, stderr)
-        finished = "300 of 300 s" in stderr
-        assert status == (0 if finished else 130), (moment, status, stderr)
+        finished = "300 of 300 s" in stderr  # Ctrl-C can still come after that line: 130
+        assert status == 130 or (status == 0 and finished), (moment, status, stderr)
 
 
 def test_ctrl_c_while_starting_exits_130(model_dir):
