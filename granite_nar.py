@@ -35,6 +35,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -2206,11 +2207,25 @@ def _exit_now(status):
     os._exit(status)
 
 
+def _drop_empty_kernels(since):
+    """Ctrl-C reaches the C++ compiler that MLX runs to build a new CPU kernel too, and MLX
+    caches the killed compiler's empty output, which every later run would fail to load: remove
+    the empty ones written since `since` (time.time())."""
+    for path in (Path(tempfile.gettempdir()) / "mlx" / mx.__version__ / "cpu").glob("lib*.so"):
+        try:
+            if path.stat().st_size == 0 and path.stat().st_mtime >= since:
+                path.unlink()
+        except OSError:  # gone already
+            pass
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from now on
+    started = time.time()
     try:  # no interpreter shutdown after the work: a Ctrl-C there would print a traceback
         _exit_now(main())
     except KeyboardInterrupt:
+        _drop_empty_kernels(started)
         _exit_now(130)
     except BrokenPipeError:  # stdout closed early (| head): no traceback, nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

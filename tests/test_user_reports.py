@@ -174,6 +174,34 @@ def test_ctrl_c_while_starting_exits_130(model_dir):
         assert status == 130, (module, status)
 
 
+def test_ctrl_c_while_a_cpu_kernel_builds_leaves_a_cache_that_loads(model_dir, texts, tmp_path):
+    if g.mx.default_device() != g.mx.cpu or not shutil.which("g++"):
+        pytest.skip("MLX builds CPU kernels with g++ only when the passes run on a CPU")
+    # a g++ stopped half-way through a kernel's build: its output created, nothing written yet
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "g++").write_text(
+        '#!/bin/sh\nfor a; do [ "$o" = -o ] && : > "$a" && exec sleep 60; o=$a; done\n'
+        f'exec {shutil.which("g++")} "$@"\n'
+    )
+    (tmp_path / "bin" / "g++").chmod(0o755)
+    cache = tmp_path / "mlx" / g.mx.__version__ / "cpu"  # MLX's kernels under TMPDIR, empty
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(AUDIO), "--model", str(model_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=_env(TMPDIR=str(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}"),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(cache.glob("*.so")):  # the g++ above started
+        assert process.poll() is None and time.monotonic() < deadline, "no kernel was built"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the compiler gets it too
+    assert process.wait(60) == 130 and b"Traceback" not in process.stderr.read()
+    again = _cli(AUDIO, "--model", model_dir, TMPDIR=str(tmp_path))  # the real g++
+    assert _ok(again) == texts[AUDIO] + "\n"
+
+
 @pytest.mark.usefixtures("warm")
 def test_head_closes_stdout_early(model_dir, tmp_path):
     _noise(tmp_path / "long.wav", 30)
