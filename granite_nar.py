@@ -2207,25 +2207,35 @@ def _exit_now(status):
     os._exit(status)
 
 
-def _drop_empty_kernels(since):
+def _drop_empty_kernels():
     """Ctrl-C reaches the C++ compiler that MLX runs to build a new CPU kernel too, and MLX
-    caches the killed compiler's empty output, which every later run would fail to load: remove
-    the empty ones written since `since` (time.time())."""
+    caches the killed compiler's empty output, which every later pass would fail to load:
+    remove those."""
     for path in (Path(tempfile.gettempdir()) / "mlx" / mx.__version__ / "cpu").glob("lib*.so"):
         try:
-            if path.stat().st_size == 0 and path.stat().st_mtime >= since:
+            if path.stat().st_size == 0:
                 path.unlink()
         except OSError:  # gone already
             pass
 
 
+def _run():
+    """main(), with MLX's errors (out of memory, a kernel it could not build or load) as one
+    line. The Ctrl-C that killed a kernel's compiler can come after the error it caused."""
+    try:
+        return main()
+    except RuntimeError as e:
+        _drop_empty_kernels()  # the next run builds them again
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from now on
-    started = time.time()
     try:  # no interpreter shutdown after the work: a Ctrl-C there would print a traceback
-        _exit_now(main())
+        _exit_now(_run())
     except KeyboardInterrupt:
-        _drop_empty_kernels(started)
+        _drop_empty_kernels()
         _exit_now(130)
     except BrokenPipeError:  # stdout closed early (| head): no traceback, nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -202,6 +202,20 @@ def test_ctrl_c_while_a_cpu_kernel_builds_leaves_a_cache_that_loads(model_dir, t
     assert _ok(again) == texts[AUDIO] + "\n"
 
 
+def test_empty_kernels_in_mlx_cache_fail_one_run_in_one_line(model_dir, texts, tmp_path):
+    if g.mx.default_device() != g.mx.cpu or not shutil.which("g++"):
+        pytest.skip("MLX builds CPU kernels with g++ only when the passes run on a CPU")
+    assert _ok(_cli(AUDIO, "--model", model_dir, TMPDIR=str(tmp_path))) == texts[AUDIO] + "\n"
+    kernels = list((tmp_path / "mlx" / g.mx.__version__ / "cpu").glob("lib*.so"))
+    for path in kernels:  # as an MLX program whose compiler was killed leaves them
+        path.write_bytes(b"")
+    broken = _cli(AUDIO, "--model", model_dir, TMPDIR=str(tmp_path))
+    assert broken.returncode == 1 and broken.stdout == "", broken.stderr
+    [line] = _lines(broken.stderr)
+    assert line.startswith("error: ") and any(path.name in line for path in kernels), line
+    assert _ok(_cli(AUDIO, "--model", model_dir, TMPDIR=str(tmp_path))) == texts[AUDIO] + "\n"
+
+
 @pytest.mark.usefixtures("warm")
 def test_head_closes_stdout_early(model_dir, tmp_path):
     _noise(tmp_path / "long.wav", 30)
