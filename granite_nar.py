@@ -1695,7 +1695,8 @@ def transcribe_stream(
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
     try:
-        current, handed = next(queued, None), False
+        current = next(queued, None)
+        handed = False
         while current:
             batch, encoded = current
             edited = edit_batch(model, encoded, editing_steps, word_timestamps)  # last pass queued
@@ -1772,7 +1773,8 @@ class Event:
 def _live_event(model, tokenizer, samples, start, final, editing_steps, word_timestamps):
     """One pass over a window's samples (its first at sample `start` of the stream) -> Event:
     transcribe_waveforms([samples]), padded to LIVE_STEPS."""
-    tic, t0, seconds = time.perf_counter(), start / SAMPLE_RATE, len(samples) / SAMPLE_RATE
+    tic = time.perf_counter()
+    t0, seconds = start / SAMPLE_RATE, len(samples) / SAMPLE_RATE
     encoded = encode_batch(model, prepare_batch([samples]), LIVE_STEPS)
     edited = edit_batch(model, encoded, editing_steps, word_timestamps)
     [text], [words] = finish_batch(model, tokenizer, 1, encoded, edited, word_timestamps)
@@ -1801,7 +1803,8 @@ def transcribe_live(
     # taken from its heap, which hours of windows of every size fragment (the process grows)
     if sys.platform == "linux":
         ctypes.CDLL(None).mallopt(-3, 65536)
-    step, source = round(update_seconds * SAMPLE_RATE), Prefetch(blocks, size=64)
+    step = round(update_seconds * SAMPLE_RATE)
+    source = Prefetch(blocks, size=64)
     options = editing_steps, word_timestamps
     buffer, start, shown = np.zeros(0, np.float32), 0, 0  # the open window; samples of its partial
     error = None
@@ -1866,8 +1869,10 @@ def _parse_args():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=EXAMPLES, formatter_class=_HelpFormatter
     )
-    add, formats = parser.add_argument, f"json (a line each: {', '.join(COLUMNS)}), tsv, srt, vtt"
-    seconds, whole = dict(type=float, metavar="S"), dict(type=int, metavar="N")
+    add = parser.add_argument
+    formats = f"json (a line each: {', '.join(COLUMNS)}), tsv, srt, vtt"
+    seconds = dict(type=float, metavar="S")
+    whole = dict(type=int, metavar="N")
     lines = dict(type=_at_least_one, metavar="N")
     add("audio", nargs="+", help="audio files, directories (their audio files, by name), or -")
     add("--model", default=DEFAULT_MODEL, metavar="DIR|REPO", help="model directory or Hub repo")
@@ -2021,8 +2026,11 @@ def _records(model, tokenizer, inputs, args):
     """(index, record) per input in input order, each as soon as it and the inputs before it
     are done (all are transcribed together, in batches); a record is a dict, or the error that
     stopped its input. Progress of files longer than a window goes to stderr."""
-    windows, n_out, tty = [[] for _ in inputs], 0, sys.stderr.isatty()
-    names, durations = [audio_name(x) for x in inputs], [duration(x) for x in inputs]
+    windows = [[] for _ in inputs]  # each input's, as they come
+    n_out = 0  # inputs yielded so far
+    names = [audio_name(x) for x in inputs]
+    durations = [duration(x) for x in inputs]
+    tty = sys.stderr.isatty()
     options = args.batch_size, args.chunk_seconds, args.editing_steps, args.word_timestamps
     for w in transcribe_stream(model, tokenizer, inputs, None, *options, args.batch_seconds):
         windows[w.index].append(w)
@@ -2090,14 +2098,17 @@ def main():
     named = args.output_format == "text" and len(inputs) > 1  # as head names them
     shown = args.output_format not in ("srt", "vtt") or len(inputs) == 1  # else files only
     print(header if group.rank() == 0 else "", end="", flush=True)
-    lines, seconds, start = {}, 0.0, time.perf_counter()
+    lines = {}  # input index: its text as printed
+    seconds = 0.0
+    start = time.perf_counter()
     for j, record in _records(model, tokenizer, [inputs[i] for i in mine], args):
         i = mine[j]
         if isinstance(record, Exception):
             print(f"error: {record}", file=sys.stderr)
             failed += 1
             continue
-        text, seconds = _format(record, args), seconds + record["audio_seconds"]
+        text = _format(record, args)
+        seconds += record["audio_seconds"]
         lines[i] = f"==> {record['file']} <==\n{text}" if named else text
         if group.size() == 1 and shown:  # as soon as it and those before are done
             print(("\n" if named and len(lines) > 1 else "") + lines[i], flush=True)
@@ -2120,12 +2131,15 @@ def _live(model, tokenizer, args):
     [source], _ = _expand(args.audio, args.pcm_rate)  # a file or - (_check_args)
     blocks = _audio_blocks(source, block_seconds=LIVE_READ_SECONDS)
     options = args.chunk_seconds, args.update_seconds, args.editing_steps, args.word_timestamps
-    width, count, vtt = args.max_line_width, args.max_line_count, args.output_format == "vtt"
+    width, count = args.max_line_width, args.max_line_count
+    vtt = args.output_format == "vtt"
     segments, cues = [], ""  # srt, vtt: every final's segments, and their cues as printed
-    tty, slow = sys.stdout.isatty(), False
+    tty = sys.stdout.isatty()
+    slow = False  # said so already
     try:
         for n, event in enumerate(transcribe_live(model, tokenizer, blocks, *options)):
-            text, seconds = event.text.strip(), event.end - event.start
+            text = event.text.strip()
+            seconds = event.end - event.start
             if args.output_format == "json":
                 record = {"start": round(event.start, 3), "end": round(event.end, 3)}
                 record.update(text=event.text, final=event.final)
@@ -2134,7 +2148,8 @@ def _live(model, tokenizer, args):
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             elif args.output_format in ("srt", "vtt") and event.final:
                 segments += split_segments(event.words, width, count)
-                printed, cues = len(cues), subtitles(segments, vtt, width, count)
+                printed = len(cues)
+                cues = subtitles(segments, vtt, width, count)
                 print(cues[printed:], end="", flush=True)  # numbered on from the last
             elif tty:  # \r: back to the line's start; \x1b[K: clear it
                 columns = shutil.get_terminal_size().columns - 1
@@ -2170,7 +2185,8 @@ def _shard(inputs, size, rank):
     if size == 1:
         return list(range(len(inputs)))
     seconds = [duration(x) + 1e-3 for x in inputs]  # unreadable files (0 s) are shared out too
-    loads, mine = [0.0] * size, []
+    loads = [0.0] * size  # seconds given to each rank
+    mine = []
     for i in sorted(range(len(inputs)), key=lambda i: -seconds[i]):
         r = loads.index(min(loads))
         loads[r] += seconds[i]
