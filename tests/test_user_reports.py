@@ -92,6 +92,12 @@ def texts(loaded):
 # 1. Ctrl-C and | head
 
 
+builds_cpu_kernels = pytest.mark.skipif(
+    g.mx.default_device() != g.mx.cpu or not shutil.which("g++"),
+    reason="MLX builds CPU kernels with g++ only when the passes run on a CPU",
+)
+
+
 @pytest.fixture(scope="module")
 def warm(model_dir, tmp_path_factory):
     """The commands below, run once untimed: on a fresh GPU machine their first run builds the
@@ -174,9 +180,8 @@ def test_ctrl_c_while_starting_exits_130(model_dir):
         assert status == 130, (module, status)
 
 
+@builds_cpu_kernels
 def test_ctrl_c_while_a_cpu_kernel_builds_leaves_a_cache_that_loads(model_dir, texts, tmp_path):
-    if g.mx.default_device() != g.mx.cpu or not shutil.which("g++"):
-        pytest.skip("MLX builds CPU kernels with g++ only when the passes run on a CPU")
     # a g++ stopped half-way through a kernel's build: its output created, nothing written yet
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "g++").write_text(
@@ -202,9 +207,8 @@ def test_ctrl_c_while_a_cpu_kernel_builds_leaves_a_cache_that_loads(model_dir, t
     assert _ok(again) == texts[AUDIO] + "\n"
 
 
+@builds_cpu_kernels
 def test_empty_kernels_in_mlx_cache_fail_one_run_in_one_line(model_dir, texts, tmp_path):
-    if g.mx.default_device() != g.mx.cpu or not shutil.which("g++"):
-        pytest.skip("MLX builds CPU kernels with g++ only when the passes run on a CPU")
     assert _ok(_cli(AUDIO, "--model", model_dir, TMPDIR=str(tmp_path))) == texts[AUDIO] + "\n"
     kernels = list((tmp_path / "mlx" / g.mx.__version__ / "cpu").glob("lib*.so"))
     for path in kernels:  # as an MLX program whose compiler was killed leaves them
