@@ -416,9 +416,11 @@ class QFormerAttention(nn.Module):
         heads = lambda a: a.reshape(N, a.shape[1], self.num_heads, -1).transpose(0, 2, 1, 3)
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
         # Written out: on a window's few queries and keys, plain matmuls run faster than the
-        # fused kernel
+        # fused kernel, and a softmax of a few ops than MLX's (a thread block for a row of 15)
         scores = (q * self.scale) @ k.transpose(0, 1, 3, 2)  # (N, heads, q, block)
-        out = mx.softmax(scores, axis=-1, precise=True) @ v
+        scores = scores.astype(mx.float32)  # as a precise softmax
+        weights = mx.exp(scores - scores.max(axis=-1, keepdims=True))
+        out = (weights / weights.sum(axis=-1, keepdims=True)).astype(v.dtype) @ v
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(N, Lq, -1))
 
 
@@ -1686,21 +1688,22 @@ def transcribe_stream(
     check_options(model.args, batch_size, chunk_seconds, editing_steps, batch_seconds)
     windows = read_windows(audios, sample_rate, chunk_seconds)
     batches = Prefetch(batch_windows(windows, batch_size, batch_seconds))
-    # As mlx-lm's generate_step: the device runs a batch's editor and the next batch's encoder
-    # while the host finishes the batch before. next(queued) reads the next prepared batch and
-    # queues its encoder pass. The host cannot queue far ahead of the device, so a thread
-    # finishes the batches (reads their tokens, decodes, aligns word times) while this one
-    # waits for the device (13-15 % of throughput with word timestamps, benchmarks/README.md).
+    # As mlx-lm's generate_step: the device is never left waiting for the host. next(queued)
+    # reads the next prepared batch and queues its encoder pass; one more is kept queued, so
+    # the device runs it while the host reads a batch's hypotheses and queues its editor. The
+    # host cannot queue far ahead of the device, so a thread finishes the batches (reads their
+    # tokens, decodes, aligns word times) while this one waits for the device (13-15 % of
+    # throughput with word timestamps, benchmarks/README.md).
     queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
     try:
-        current = next(queued, None)
+        current, upcoming = next(queued, None), next(queued, None)
         handed = False
         while current:
             batch, encoded = current
             edited = edit_batch(model, encoded, editing_steps, word_timestamps)  # last pass queued
-            current = next(queued, None)  # the next encoder pass, queued behind it
+            current, upcoming = upcoming, next(queued, None)  # one more encoder pass, behind it
             handoff.put((batch, encoded, edited))
             if handed:  # the batch before, finished while this one's hypotheses were awaited
                 yield from next(finished)

@@ -315,9 +315,10 @@ def test_batches_keep_to_batch_size_and_batch_seconds(loaded, monkeypatch):
 @pytest.mark.parametrize("word_timestamps", [False, True])
 def test_batches_overlap_with_one_batch_lag(loaded, monkeypatch, editing_steps, word_timestamps):
     # Each window equals its input transcribed alone. And the device always has work while the
-    # host finishes a batch: batch k's windows (read, decoded, aligned) come only after batch
-    # k + 1's editor passes and batch k + 2's encoder pass are queued; a silent batch has no
-    # editor pass.
+    # host reads a batch's hypotheses or finishes a batch: batch k + 1's encoder pass is queued
+    # before batch k's editor passes, and batch k's windows (read, decoded, aligned) come only
+    # after batch k + 1's editor passes and batch k + 3's encoder pass are queued; a silent
+    # batch has no editor pass.
     model, tokenizer = loaded
     speech = g.load_audio(AUDIO)
     audios = [speech[:SR], np.zeros(SR // 2, np.float32), speech[: 2 * SR], speech]
@@ -342,7 +343,7 @@ def test_batches_overlap_with_one_batch_lag(loaded, monkeypatch, editing_steps, 
         else:
             assert w.words is None
     enc, edit = "encode_batch", "edit_batch"
-    assert log == [enc, edit, enc, edit, enc, 0, edit, enc, 1, edit, 2, 3]
+    assert log == [enc, enc, edit, enc, edit, enc, 0, edit, 1, edit, 2, 3]
     assert len(threads) == 1 and threading.main_thread() not in threads
 
 
