@@ -1401,7 +1401,7 @@ class Encoded:
 
     live: list
     best: mx.array = None  # (B, F) the best BPE CTC id on each pooled frame
-    bpe_logits: mx.array = None  # (B, F, vocab)
+    bpe_logits: mx.array = None  # (B, F, vocab); None once edit_batch has read them
     frames: list = None  # each one's real pooled frames
     audio_embeds: mx.array = None  # (B, A, llm_dim)
     audio_lengths: mx.array = None  # (B,) each one's rows of them
@@ -1477,6 +1477,9 @@ def edit_batch(model, encoded, editing_steps, word_timestamps):
         hypotheses = collapse_rows(tokens, slots, blank)
         tokens, slots = edit_pass(model, *inputs, hypotheses, encoded.slot_step)
     log_probs = token_log_probs(encoded.bpe_logits, tokens, blank) if word_timestamps else None
+    # A batch's largest array (B, F, vocab) is read: freed now, not when the batch is finished
+    # (transcribe_stream keeps two more batches' encoder passes queued)
+    encoded.bpe_logits = None
     return tokens, slots, log_probs
 
 

@@ -347,6 +347,24 @@ def test_batches_overlap_with_one_batch_lag(loaded, monkeypatch, editing_steps, 
     assert len(threads) == 1 and threading.main_thread() not in threads
 
 
+@pytest.mark.parametrize("word_timestamps", [False, True])
+def test_a_batch_frees_its_bpe_logits_once_read(loaded, word_timestamps):
+    # The (B, F, vocab) logits are a batch's largest array, and transcribe_stream holds three
+    # batches at once: edit_batch drops them, the word times read from them unchanged
+    model, tokenizer = loaded
+    speech = g.load_audio(AUDIO)
+    waveforms = [speech[:SR], speech]
+    encoded = g.encode_batch(model, g.prepare_batch(waveforms))
+    logits = encoded.bpe_logits
+    tokens, _, log_probs = g.edit_batch(model, encoded, 1, word_timestamps)
+    assert encoded.bpe_logits is None
+    if word_timestamps:
+        expected = g.token_log_probs(logits, tokens, model.args.blank_token_id)
+        assert mx.array_equal(log_probs, expected)
+    else:
+        assert log_probs is None
+
+
 # ---- iterative editing ----
 
 
