@@ -728,7 +728,8 @@ def ctc_align(log_probs, ids, blank_id):
         return [] if n == 0 else None
     columns = [blank_id, *ids]
     if isinstance(log_probs, mx.array):  # gather the n + 1 columns before leaving the device
-        log_probs, columns = log_probs[:, mx.array(columns)].astype(mx.float32), slice(None)
+        log_probs = log_probs[:, mx.array(columns)].astype(mx.float32)
+        columns = slice(None)
     lp = np.maximum(np.asarray(log_probs)[:, columns], -1e6)  # (T, n + 1), not -inf
     # A run [a, b) of token k scores gain[k, b] - gain[k, a] more than blanks on its frames
     gain = np.zeros((n, T + 1))
@@ -750,7 +751,8 @@ def ctc_align(log_probs, ids, blank_id):
         # the next token's columns start a frame later (two after a repeat, keeping a blank
         # between): its column a reads this token's runs ending by column a + 1
         ready[:-1], ready[-1] = best[1:], best[-1]
-    spans, b = [], ends[-1].argmax()  # then blanks to the end
+    spans = []
+    b = ends[-1].argmax()  # then blanks to the end
     for k in range(n - 1, -1, -1):  # back: each run's start, then the run before's end
         a = starts[k, :b].argmax()
         spans.append((int(lo[k] + a), int(lo[k] + b)))
@@ -967,7 +969,9 @@ def read_config(path):
 
 def read_weights(path):
     """Every tensor of a model directory: model.safetensors, or shards (with an index or not)."""
-    path, index, files = Path(path), Path(path) / "model.safetensors.index.json", []
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = []
     if index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -1065,7 +1069,8 @@ def load(path, dtype=None, dequantize=None, compile=None):
     (default: on a GPU) transcription runs the passes compiled (Compiled)."""
     path = model_path(path)
     config, model, weights = read_checkpoint(path)
-    q, on_cpu = config.get("quantization"), mx.default_device() == mx.cpu
+    q = config.get("quantization")
+    on_cpu = mx.default_device() == mx.cpu
     dtype = dtype or (mx.float32 if on_cpu else mx.bfloat16)  # MLX's CPU half matmuls are slow
     if bool(q) != any(k.endswith(".scales") for k in weights):
         found = "unquantized" if q else "quantized"
@@ -1191,7 +1196,8 @@ class PcmStream:
 def _open_audio(audio):
     """A path or a file object -> an open soundfile.SoundFile, or a PcmStream for a WAV whose
     header does not know its length or that cannot seek (a pipe); an error names the input."""
-    name, is_file = audio_name(audio), hasattr(audio, "read")
+    name = audio_name(audio)
+    is_file = hasattr(audio, "read")
     if isinstance(audio, PcmStream):
         return audio
     if not is_file and not Path(audio).is_file():
@@ -1269,7 +1275,8 @@ def _audio_blocks(audio, sample_rate=None, block_seconds=READ_SECONDS):
         rate, resample = f.samplerate, None
         if rate != SAMPLE_RATE:  # soxr's high quality: linear phase, its delay removed
             resample = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32").resample_chunk
-        n_read, size, block = 0, max(1, round(block_seconds * rate)), None
+        size = max(1, round(block_seconds * rate))
+        n_read, block = 0, None  # samples read so far; the block just read
         while block is None or len(block) == size:  # a short block is the last
             try:
                 block = f.read(size, dtype="float32", always_2d=True)  # PCM16 reads as x / 32768
@@ -1355,7 +1362,8 @@ def window_cut(buffer, chunk_seconds, at_end):
     window) of chunk_seconds, so words are rarely cut. None while that cannot be decided: until
     the search range and a frame after it are here, and at the end while it fits one window."""
     chunk = round(chunk_seconds * SAMPLE_RATE)
-    radius, frame = min(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), chunk // 4), SAMPLES_PER_FRAME
+    radius = min(round(CUT_SEARCH_SECONDS * SAMPLE_RATE), chunk // 4)
+    frame = SAMPLES_PER_FRAME
     if len(buffer) < chunk + radius + frame and not (at_end and len(buffer) > chunk):
         return None
     cuts = np.arange(chunk - radius, min(chunk + radius, len(buffer) - frame) + 1, frame)
