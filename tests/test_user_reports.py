@@ -465,10 +465,9 @@ def test_stdin_and_a_file_named_stdin_are_refused_together(model_dir, tmp_path):
     options = "--model", model_dir, "--output-dir", "out"
     result = _cli("stdin", "-", *options, cwd=tmp_path, stdin=AUDIO.read_bytes())
     assert result.returncode == 2 and result.stdout == "", result
-    assert (
-        result.stderr.strip()
-        == f"error: two inputs would write {Path('out/stdin.txt')}: give them in separate runs"
-    )
+    assert _lines(result.stderr) == [
+        f"error: two inputs would write {Path('out/stdin.txt')}: give them in separate runs"
+    ]
     assert not (tmp_path / "out").exists()
 
 
