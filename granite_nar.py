@@ -1202,13 +1202,13 @@ def _open_audio(audio):
         return audio
     if not is_file and not Path(audio).is_file():
         raise FileNotFoundError(f"audio file not found: {audio}")
-    if not is_file and Path(audio).stat().st_size == 0:
-        raise ValueError(f"{name}: the file is empty (0 bytes)")
     f = audio if is_file else open(audio, "rb")
     seekable = f.seekable()
     start = f.tell() if seekable else 0
     head = f.read(12)
     if not head:
+        if not is_file:
+            f.close()
         raise ValueError(f"{name}: the file is empty (0 bytes)")
     if head[:4] == b"RIFF" and head[8:] == b"WAVE":  # PCM or float: read here if need be
         try:
@@ -2008,24 +2008,25 @@ def _output_paths(inputs, output_dir, suffix):
     return [output_dir / p.parent / (p.name + suffix) for p in relative]
 
 
+def _refuse(message):
+    """Options that turn out to conflict once the inputs are known: one line, exit 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _inputs(args, group):
     """The inputs, their outputs and the count of failures so far; notes printed by rank 0,
     a directory given has its files, and with --skip-existing those whose outputs exist go.
     Exits 2 when outputs would mix (subtitles of several inputs on stdout, two inputs to a file)."""
     if group.size() > 1 and "-" in args.audio:
-        sys.exit("error: - (standard input) reaches one process only: give files under mlx.launch")
+        _refuse("- (standard input) reaches one process only: give files under mlx.launch")
     inputs, messages = _expand(args.audio, args.pcm_rate)
     outputs = _output_paths(inputs, args.output_dir, SUFFIXES[args.output_format])
     shared = [path for path, n in Counter(outputs).items() if path and n > 1]
     if args.output_format in ("srt", "vtt") and len(inputs) > 1 and not args.output_dir:
-        print(f"error: {args.output_format} of several inputs needs --output-dir", file=sys.stderr)
-        sys.exit(2)
+        _refuse(f"{args.output_format} of several inputs needs --output-dir")
     if shared:
-        print(
-            f"error: two inputs would write {shared[0]}: give them in separate runs",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        _refuse(f"two inputs would write {shared[0]}: give them in separate runs")
     if args.skip_existing:  # a stopped run resumes: done files keep their outputs
         keep = [i for i, path in enumerate(outputs) if not path.exists()]
         if len(keep) < len(inputs):

@@ -133,4 +133,5 @@ def test_a_failing_file_is_reported_and_the_others_run(model_dir, corpus, tmp_pa
 def test_standard_input_is_refused_under_launch(model_dir, tmp_path, child_tmpdir):
     result = run(model_dir, "-", processes=2, cwd=tmp_path, tmpdir=child_tmpdir)
     assert "- (standard input) reaches one process only" in result.stderr
+    assert "exited with code 2" in result.stderr  # as other conflicting options
     assert "Traceback" not in result.stderr
