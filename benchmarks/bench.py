@@ -18,6 +18,8 @@ Throughput (--clips N): g.transcribe_stream over N clips of LibriSpeech-like len
 mean ~7 s, each one window), batches of at most --batch-sizes clips and --batch-seconds of
 padded audio, with fixed hypotheses; the speed of a second pass over all clips (the first also
 traces each new shape), the peak memory, and a third pass that waits after each stage.
+--clip-seconds S makes every clip S s long: at 8 s (400 frames, two attention blocks) a batch
+carries no padding, the bound that padding work can approach.
 
 --word-timestamps adds word timestamps (g.word_times: ctc_align of the fixed hypotheses on the
 batch's BPE CTC logits): stages `word_timestamps` (their log-softmax columns, on the device) and
@@ -169,6 +171,8 @@ class FixedEditor:
 def throughput(model, tokenizer, args, common):
     """g.transcribe_stream over the clips as arrays, with fixed hypotheses (FixedEditor)."""
     lengths = librispeech_like_lengths(args.clips)
+    if args.clip_seconds:  # every clip as long: no padding at 8 s, two attention blocks
+        lengths = np.full(args.clips, args.clip_seconds)
     waveforms = [synthetic_audio(seconds, seed=i) for i, seconds in enumerate(lengths)]
     seconds = float(lengths.sum())
     sizes = [(b, s) for b in args.batch_sizes for s in args.batch_seconds]
@@ -204,6 +208,7 @@ def throughput(model, tokenizer, args, common):
             "batch_size": batch_size,
             "batch_seconds": batch_seconds,
             "clips": args.clips,
+            "clip_seconds": args.clip_seconds,
             "seconds_audio": round(seconds, 1),
             "wall_s": round(walls[1], 4),  # a GPU pass over a few clips: tens of ms
             "speed": round(seconds / walls[1], 1),
@@ -272,6 +277,7 @@ def main():
     add("--peer", action="store_true", help="also time mlx-audio on the same weights")
     add("--clips", type=int, help="time throughput instead, over this many LibriSpeech-like clips")
     add("--batch-sizes", type=int, nargs="+", default=[32, 128], help="throughput: batch sizes")
+    add("--clip-seconds", type=float, help="throughput: every clip this long (default: 2 to 35 s)")
     add(
         "--batch-seconds",
         type=float,

@@ -83,6 +83,12 @@ def test_bench_throughput_prints_one_line_per_batch_size(small_model):
         assert all(ms >= 0 for ms in row["stages_ms"].values())
 
 
+def test_bench_clip_seconds_makes_every_clip_that_long(small_model):
+    args = ("--model", small_model, "--clips", "3", "--batch-sizes", "2", "--clip-seconds", "2.5")
+    row = json.loads(run("benchmarks/bench.py", *args))
+    assert row["clip_seconds"] == 2.5 and row["seconds_audio"] == 7.5
+
+
 def test_bench_keep_quantized(small_model, tmp_path):
     q_dir = tmp_path / "q5"
     ckpt = small_model.parent / "ckpt"
