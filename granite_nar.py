@@ -2062,7 +2062,7 @@ def _record(name, windows, args):
     if windows[-1].error:
         return windows[-1].error
     seconds, elapsed = sum(w.seconds for w in windows), sum(w.elapsed for w in windows)
-    speed = round(seconds / elapsed, 1) if elapsed else 0.0
+    speed = round(seconds / elapsed, 3) if elapsed else 0.0  # a first GPU run can be < 0.05x
     text = join_windows([w.text for w in windows])
     record = dict(zip(COLUMNS, (name, text, round(seconds, 3), round(elapsed, 3), speed)))
     if windows[0].words is not None:
