@@ -170,9 +170,10 @@ class FixedEditor:
 
 def throughput(model, tokenizer, args, common):
     """g.transcribe_stream over the clips as arrays, with fixed hypotheses (FixedEditor)."""
-    lengths = librispeech_like_lengths(args.clips)
     if args.clip_seconds:  # every clip as long: no padding at 8 s, two attention blocks
         lengths = np.full(args.clips, args.clip_seconds)
+    else:
+        lengths = librispeech_like_lengths(args.clips)
     waveforms = [synthetic_audio(seconds, seed=i) for i, seconds in enumerate(lengths)]
     seconds = float(lengths.sum())
     sizes = [(b, s) for b in args.batch_sizes for s in args.batch_seconds]
