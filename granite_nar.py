@@ -209,8 +209,9 @@ def stft_input(waveforms):
             raise ValueError(f"audio too short: {len(w)} samples, at least 320 needed")
     pad = N_FFT // 2  # center=True: reflect padding (w[pad] .. w[1] | w | w[-2] ..), then zeros
     x = np.zeros((len(waveforms), max(map(len, waveforms)) + 2 * pad), np.float32)
-    for row, w in zip(x, waveforms):
-        row[: len(w) + 2 * pad] = np.pad(w, pad, mode="reflect")
+    for row, w in zip(x, waveforms):  # in place: np.pad would copy each waveform once more
+        row[pad : pad + len(w)] = w
+        row[:pad], row[pad + len(w) : len(w) + 2 * pad] = w[pad:0:-1], w[-2 : -pad - 2 : -1]
     return mx.array(x), [len(w) // SAMPLES_PER_FRAME for w in waveforms]
 
 
@@ -1258,7 +1259,7 @@ def _array_audio(audio, sample_rate):
     if not np.isfinite(x).all():
         at = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0] / rate
         raise ValueError(f"waveform has NaN or infinite samples at {at:.2f} s")
-    mono = (x.mean(axis=1) if x.ndim == 2 else x).astype(np.float32)
+    mono = (x.mean(axis=1) if x.ndim == 2 else x).astype(np.float32, copy=False)
     return soxr.resample(mono, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else mono
 
 
@@ -1378,7 +1379,8 @@ def split_windows(blocks, chunk_seconds=CHUNK_SECONDS):
     in exactly one window; every window has an encoder frame."""
     buffer = np.zeros(0, np.float32)
     for block in itertools.chain(blocks, [None]):  # None: the end
-        buffer = buffer if block is None else np.concatenate([buffer, block])
+        if block is not None:  # a block after an empty buffer is taken as it is, not copied
+            buffer = np.concatenate([buffer, block]) if len(buffer) else block
         while (cut := window_cut(buffer, chunk_seconds, block is None)) is not None:
             yield buffer[:cut]
             buffer = buffer[cut:]
