@@ -130,3 +130,34 @@ def test_quant_drift_prints_a_row_per_setting(small_model):
     assert rows[0]["size_gb"] > rows[2]["size_gb"] > rows[1]["size_gb"]  # bf16 > 8 bits > 4 bits
     assert 0 < rows[2]["rel_err"] < rows[1]["rel_err"] < 0.5  # more bits, less drift
     assert "| 8 | 32 |" in out
+
+
+def test_timeline_splits_the_device_waits_by_the_stage_that_ended_them():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import timeline  # its analysis needs no torch
+
+    host = lambda name, ts, dur, tid=1, cat="user_annotation": dict(
+        name=name, ts=ts, dur=dur, tid=tid, cat=cat
+    )
+    device = lambda ts, dur, c: dict(
+        name="k(x)", cat="kernel", ts=ts, dur=dur, args={"correlation": c}
+    )
+    launch = lambda ts, c: dict(
+        name="cudaGraphLaunch", cat="cuda_runtime", ts=ts, args={"correlation": c}
+    )
+    events = [
+        host("pass", 0, 100_000),
+        host("encode_batch", 0, 40_000),
+        host("encode_batch", 10_000, 30_000, tid=7, cat="gpu_user_annotation"),  # not the host's
+        host("edit_pass", 50_000, 20_000),
+        launch(5_000, 1),
+        launch(55_000, 2),
+        device(10_000, 30_000, 1),
+        device(60_000, 20_000, 2),
+    ]
+    row = timeline.analyze(events)
+    assert (row["pass_ms"], row["busy_ms"], row["idle_ms"]) == (100.0, 50.0, 50.0)
+    assert row["idle_ms_before"] == {"encode_batch": 10.0, "edit_pass": 20.0, "other": 20.0}
+    assert row["longest_waits_ms"][0] == [40.0, 20.0, "edit_pass"]
+    assert row["host_ms"] == {"encode_batch": 40.0, "edit_pass": 20.0, "collapse_rows": 0}
+    assert row["kernels_ms"] == {"k": 50.0} and row["kernel_count"] == 2
