@@ -132,8 +132,8 @@ def test_quant_drift_prints_a_row_per_setting(small_model):
     assert "| 8 | 32 |" in out
 
 
-def test_timeline_splits_the_device_waits_by_the_stage_that_ended_them():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_timeline_splits_the_device_waits_by_the_stage_that_ended_them(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import timeline  # its analysis needs no torch
 
     host = lambda name, ts, dur, tid=1, cat="user_annotation": dict(
