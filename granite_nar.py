@@ -1701,12 +1701,13 @@ def transcribe_stream(
     check_options(model.args, batch_size, chunk_seconds, editing_steps, batch_seconds)
     windows = read_windows(audios, sample_rate, chunk_seconds)
     batches = Prefetch(batch_windows(windows, batch_size, batch_seconds))
-    # As mlx-lm's generate_step: the device is never left waiting for the host. next(queued)
+    # As mlx-lm's generate_step: the device is kept busy while the host works. next(queued)
     # reads the next prepared batch and queues its encoder pass; one more is kept queued, so
-    # the device runs it while the host reads a batch's hypotheses and queues its editor. The
-    # host cannot queue far ahead of the device, so a thread finishes the batches (reads their
-    # tokens, decodes, aligns word times) while this one waits for the device (13-15 % of
-    # throughput with word timestamps, benchmarks/README.md).
+    # the device runs it while the host reads a batch's hypotheses and queues its editor. MLX
+    # lets the host queue only 10 command buffers ahead of the device, so a thread finishes the
+    # batches (reads their tokens, decodes, aligns word times) while this one waits for the
+    # device (13-15 % of throughput with word timestamps); what this one does besides queuing
+    # still leaves the device waiting (21 % of an H100's pass, benchmarks/README.md).
     queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
