@@ -209,9 +209,11 @@ def stft_input(waveforms):
             raise ValueError(f"audio too short: {len(w)} samples, at least 320 needed")
     pad = N_FFT // 2  # center=True: reflect padding (w[pad] .. w[1] | w | w[-2] ..), then zeros
     x = np.zeros((len(waveforms), max(map(len, waveforms)) + 2 * pad), np.float32)
-    for row, w in zip(x, waveforms):  # in place: np.pad would copy each waveform once more
-        row[pad : pad + len(w)] = w
-        row[:pad], row[pad + len(w) : len(w) + 2 * pad] = w[pad:0:-1], w[-2 : -pad - 2 : -1]
+    for row, w in zip(x, waveforms):  # written in place: np.pad would copy each waveform again
+        n = len(w)
+        row[:pad] = w[pad:0:-1]
+        row[pad : pad + n] = w
+        row[pad + n : 2 * pad + n] = w[-2 : -pad - 2 : -1]
     return mx.array(x), [len(w) // SAMPLES_PER_FRAME for w in waveforms]
 
 
@@ -1701,13 +1703,11 @@ def transcribe_stream(
     check_options(model.args, batch_size, chunk_seconds, editing_steps, batch_seconds)
     windows = read_windows(audios, sample_rate, chunk_seconds)
     batches = Prefetch(batch_windows(windows, batch_size, batch_seconds))
-    # As mlx-lm's generate_step: the device is kept busy while the host works. next(queued)
-    # reads the next prepared batch and queues its encoder pass; one more is kept queued, so
-    # the device runs it while the host reads a batch's hypotheses and queues its editor. MLX
-    # lets the host queue only 10 command buffers ahead of the device, so a thread finishes the
-    # batches (reads their tokens, decodes, aligns word times) while this one waits for the
-    # device (13-15 % of throughput with word timestamps); what this one does besides queuing
-    # still leaves the device waiting (21 % of an H100's pass, benchmarks/README.md).
+    # As mlx-lm's generate_step: next(queued) reads the next prepared batch and queues its
+    # encoder pass, and one more is kept queued, so the device runs it while the host reads a
+    # batch's hypotheses and queues its editor. MLX lets the host queue only 10 command buffers
+    # ahead of the device, so a thread finishes the batches (reads their tokens, decodes, aligns
+    # word times) while this one waits for the device (benchmarks/README.md: where it still waits).
     queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
