@@ -198,8 +198,9 @@ WINDOW = mx.array(np.pad(_HANN, (N_FFT - WIN_LENGTH) // 2).astype(np.float32))  
 
 
 def stft_input(waveforms):
-    """The featurizer's host work: a list of B 16 kHz waveforms (n_b,) -> the batch the STFT
-    reads (B, max n_b + N_FFT), an MLX array, and each one's encoder frames T_b = n_b // 320."""
+    """The featurizer's host work, apart so that it can run while the device is busy: a list of B
+    16 kHz waveforms (n_b,) -> the batch the STFT reads (B, max n_b + N_FFT), on the device, and
+    each one's encoder frames T_b = n_b // 320."""
     waveforms = [np.asarray(w, dtype=np.float32) for w in waveforms]
     for w in waveforms:
         if w.ndim != 1:
@@ -1398,17 +1399,11 @@ def shape_steps(model):
 
 
 def prepare_batch(waveforms):
-    """A batch's features, apart so that the reader thread makes them while the main thread
-    queues the model: the indices of its waveforms neither short nor silent, and their log_mel
-    (None: none). They are evaluated here, on this thread's own stream, so the device's copy of
-    the waveforms (several ms a batch) overlaps the model's passes on the main thread's."""
+    """A batch's host work, apart so that it can run while the device is busy: the indices of its
+    waveforms neither short nor silent, and their stft_input (None: none)."""
     live = [i for i, w in enumerate(waveforms) if len(w) >= MIN_SECONDS * SAMPLE_RATE]
     live = [i for i in live if np.abs(waveforms[i]).max() >= SILENCE_PEAK]
-    if not live:
-        return live, None
-    features, lengths = log_mel([waveforms[i] for i in live])
-    mx.eval(features)
-    return live, (features, lengths)
+    return live, stft_input([waveforms[i] for i in live]) if live else None
 
 
 @dataclass
@@ -1428,12 +1423,14 @@ class Encoded:
 def encode_batch(model, prepared, steps=None):
     """prepare_batch's result -> its Encoded, queued on the device (mx.async_eval), not waited
     for. Frames and then slots are padded, masked, to multiples of steps (default shape_steps)."""
-    live, featurized = prepared
+    live, stft = prepared
     if not live:
         return Encoded(live)
-    (features, lengths), (frame_step, slot_step) = featurized, steps or shape_steps(model)
+    (x, lengths), (frame_step, slot_step) = stft, steps or shape_steps(model)
+    encoder_frames = mx.array(lengths)
+    features = _log_mel(x, encoder_frames)
     T = -(-features.shape[1] // frame_step) * frame_step
-    mask = None if min(lengths) == T else mx.arange(T) < mx.array(lengths)[:, None]
+    mask = None if min(lengths) == T else mx.arange(T) < encoder_frames[:, None]
     features = pad_rows(features, T).astype(model.dtype)
     bpe_logits, audio_embeds = model.compiled_encode(features, mask)
     best = mx.argmax(bpe_logits, axis=-1)

@@ -116,7 +116,7 @@ def measure(runs, reps):
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
-STAGES = {"log_mel": "prepare", "encode_batch": "encode", "edit_pass": "edit"}
+STAGES = {"stft_input": "prepare", "encode_batch": "encode", "edit_pass": "edit"}
 STAGES.update(token_log_probs="word_timestamps", word_times="alignment")
 THREADS = ("prepare", "alignment")  # transcribe_stream's stages run in threads beside the rest
 
@@ -199,7 +199,7 @@ def throughput(model, tokenizer, args, common):
         with FixedEditor(times):
             list(g.transcribe_stream(model, tokenizer, waveforms, **options))
         # the rest: decoding, batching, and waiting for the threads, which prepare the next batch
-        # (reading, padding, the log-mel features) and align word times during this one
+        # (reading, padding, copying to the device) and align word times during this one
         busy = sum(t for stage, t in times.items() if stage not in THREADS)
         times["rest"] = time.perf_counter() - tic - busy
         row = {
