@@ -7,8 +7,9 @@ The pass is bench.py's (--clips N: LibriSpeech-like clips, fixed hypotheses), th
 two have traced every shape and built every kernel. Prints one JSON line: the pass and the time
 some kernel ran (`busy_ms`); the time the device waited (`idle_ms`), by the stage whose kernel
 ended the wait (an encoder pass, an editor pass) and, of the longest waits, when each began and
-for how long; the host's time on the main thread in each stage (queuing a pass waits for the
-device too: MLX lets a thread run at most 10 command buffers ahead); the kernels that ran longest.
+for how long; the host's time on the main thread in each stage and, of it, the time inside
+mx.async_eval (`queue_ms`: MLX traverses the graph and launches its kernels there, and waits when
+the host is 10 command buffers ahead of the device); the kernels that ran longest.
 Needs torch with CUDA (not a dependency of this project).
 """
 
@@ -26,17 +27,17 @@ from bench import FixedEditor, g  # noqa: E402  (granite_nar first: it loads Ope
 from clips import librispeech_like_lengths, synthetic_audio  # noqa: E402
 
 STAGES = ["encode_batch", "edit_pass", "collapse_rows"]  # timed on the host, by name
+QUEUE = "async_eval"  # mx.async_eval, timed within them
 KERNELS = {"kernel", "gpu_memcpy", "gpu_memset"}  # the trace's device events
 LAUNCHES = {"cuda_runtime", "cuda_driver"}  # the host calls that queued them
 GPU_MARKS = "gpu_user_annotation"  # a record_function's span on the device
 
 
-def named(stage, record_function):
-    """g's function `stage`, its calls marked in the trace."""
-    function = getattr(g, stage)
+def marked(function, name, record_function):
+    """function, its calls marked `name` in the trace."""
 
     def run(*args, **kwargs):
-        with record_function(stage):
+        with record_function(name):
             return function(*args, **kwargs)
 
     return run
@@ -67,11 +68,8 @@ def analyze(events, top=12):
         for e in events
         if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})
     }
-    host = [
-        e
-        for e in events
-        if e.get("tid") == main and e.get("name") in STAGES and e.get("cat") != GPU_MARKS
-    ]
+    on_main = [e for e in events if e.get("tid") == main and e.get("cat") != GPU_MARKS]
+    host = [e for e in on_main if e.get("name") in STAGES]
 
     def stage_at(ts):  # the stage the main thread was in at host time ts
         inside = [e["name"] for e in host if ts is not None and e["ts"] <= ts <= e["ts"] + e["dur"]]
@@ -82,6 +80,7 @@ def analyze(events, top=12):
     for _, dur, correlation in spans:
         idle[stage_at(launched.get(correlation))] += dur
     ms = lambda us: round(us / 1000, 1)
+    queued = [e for e in on_main if e.get("name") == QUEUE]
     names = Counter()
     for _, dur, _, name in kernels:
         names[name.split("(")[0][:80]] += dur
@@ -95,6 +94,9 @@ def analyze(events, top=12):
             for ts, dur, c in sorted(spans, key=lambda s: -s[1])[:top]
         ],
         "host_ms": {s: ms(sum(e["dur"] for e in host if e["name"] == s)) for s in STAGES},
+        "queue_ms": {
+            s: ms(sum(e["dur"] for e in queued if stage_at(e["ts"]) == s)) for s in STAGES
+        },
         "kernels_ms": {name: ms(t) for name, t in names.most_common(top)},
         "kernel_count": len(kernels),
     }
@@ -113,7 +115,8 @@ def main():
     waveforms = [synthetic_audio(seconds, seed=i) for i, seconds in enumerate(lengths)]
     options = dict(batch_size=args.batch_size, chunk_seconds=max(lengths) + 1)
     for stage in STAGES:
-        setattr(g, stage, named(stage, record_function))
+        setattr(g, stage, marked(getattr(g, stage), stage, record_function))
+    g.mx.async_eval = marked(g.mx.async_eval, QUEUE, record_function)
 
     def run():
         tic = time.perf_counter()

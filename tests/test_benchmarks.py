@@ -150,6 +150,9 @@ def test_timeline_splits_the_device_waits_by_the_stage_that_ended_them(monkeypat
         host("encode_batch", 0, 40_000),
         host("encode_batch", 10_000, 30_000, tid=7, cat="gpu_user_annotation"),  # not the host's
         host("edit_pass", 50_000, 20_000),
+        host("async_eval", 30_000, 8_000),  # queuing, inside encode_batch
+        host("async_eval", 60_000, 5_000),
+        host("async_eval", 80_000, 1_000),  # outside any stage
         launch(5_000, 1),
         launch(55_000, 2),
         device(10_000, 30_000, 1),
@@ -160,4 +163,5 @@ def test_timeline_splits_the_device_waits_by_the_stage_that_ended_them(monkeypat
     assert row["idle_ms_before"] == {"encode_batch": 10.0, "edit_pass": 20.0, "other": 20.0}
     assert row["longest_waits_ms"][0] == [40.0, 20.0, "edit_pass"]
     assert row["host_ms"] == {"encode_batch": 40.0, "edit_pass": 20.0, "collapse_rows": 0}
+    assert row["queue_ms"] == {"encode_batch": 8.0, "edit_pass": 5.0, "collapse_rows": 0}
     assert row["kernels_ms"] == {"k": 50.0} and row["kernel_count"] == 2
