@@ -1705,9 +1705,9 @@ def transcribe_stream(
     batches = Prefetch(batch_windows(windows, batch_size, batch_seconds))
     # As mlx-lm's generate_step: next(queued) reads the next prepared batch and queues its
     # encoder pass, and one more is kept queued, so the device runs it while the host reads a
-    # batch's hypotheses and queues its editor. MLX lets the host queue only 10 command buffers
-    # ahead of the device, so a thread finishes the batches (reads their tokens, decodes, aligns
-    # word times) while this one waits for the device (benchmarks/README.md: where it still waits).
+    # batch's hypotheses and queues its editor. The host gets little ahead of the device, so any
+    # other work here would leave the device idle: a thread finishes the batches (reads their
+    # tokens, decodes, aligns word times) (benchmarks/README.md: where the device still waits).
     queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
