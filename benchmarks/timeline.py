@@ -70,6 +70,7 @@ def analyze(events, top=12):
     }
     on_main = [e for e in events if e.get("tid") == main and e.get("cat") != GPU_MARKS]
     host = [e for e in on_main if e.get("name") in STAGES]
+    queued = [e for e in on_main if e.get("name") == QUEUE]
 
     def stage_at(ts):  # the stage the main thread was in at host time ts
         inside = [e["name"] for e in host if ts is not None and e["ts"] <= ts <= e["ts"] + e["dur"]]
@@ -80,14 +81,14 @@ def analyze(events, top=12):
     for _, dur, correlation in spans:
         idle[stage_at(launched.get(correlation))] += dur
     ms = lambda us: round(us / 1000, 1)
-    queued = [e for e in on_main if e.get("name") == QUEUE]
+    waited = sum(dur for _, dur, _ in spans)
     names = Counter()
     for _, dur, _, name in kernels:
         names[name.split("(")[0][:80]] += dur
     return {
         "pass_ms": ms(end - start),
-        "busy_ms": ms(end - start - sum(d for _, d, _ in spans)),  # some kernels overlap
-        "idle_ms": ms(sum(d for _, d, _ in spans)),
+        "busy_ms": ms(end - start - waited),  # some kernels overlap
+        "idle_ms": ms(waited),
         "idle_ms_before": {stage: ms(t) for stage, t in idle.items()},
         "longest_waits_ms": [
             [ms(ts - start), ms(dur), stage_at(launched.get(c))]
