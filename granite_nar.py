@@ -1707,7 +1707,8 @@ def transcribe_stream(
     # encoder pass, and one more is kept queued, so the device runs it while the host reads a
     # batch's hypotheses and queues its editor. The host gets little ahead of the device, so any
     # other work here would leave the device idle: a thread finishes the batches (reads their
-    # tokens, decodes, aligns word times). benchmarks/README.md: where the device still waits.
+    # tokens, decodes, aligns word times). On CUDA, MLX 0.32 makes a read wait for all that is
+    # queued; benchmarks/README.md: where the device still waits.
     queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
