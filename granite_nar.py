@@ -1704,11 +1704,11 @@ def transcribe_stream(
     windows = read_windows(audios, sample_rate, chunk_seconds)
     batches = Prefetch(batch_windows(windows, batch_size, batch_seconds))
     # As mlx-lm's generate_step: next(queued) reads the next prepared batch and queues its
-    # encoder pass, and one more is kept queued, so the device runs it while the host reads a
-    # batch's hypotheses and queues its editor. The host gets little ahead of the device, so any
-    # other work here would leave the device idle: a thread finishes the batches (reads their
-    # tokens, decodes, aligns word times). On CUDA, MLX 0.32 makes a read wait for all that is
-    # queued; benchmarks/README.md: where the device still waits.
+    # encoder pass, and one more is kept queued, so the device has work while the host reads a
+    # batch's hypotheses and queues its editor (on CUDA, MLX 0.32 makes that read wait for all
+    # that is queued: benchmarks/README.md, where the device still waits). Any other work here
+    # would leave the device idle: a thread finishes the batches (reads their tokens, decodes,
+    # aligns word times).
     queued = ((batch, encode_batch(model, prepared)) for batch, prepared in batches)
     handoff = queue.Queue()  # batches whose last pass is queued, for that thread; None: no more
     finished = iter(Prefetch(finish_batches(model, tokenizer, handoff, word_timestamps)))
